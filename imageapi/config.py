@@ -1,0 +1,33 @@
+"""Daemon settings: where things live on the host and how long to wait for the kernel.
+
+Everything a test must redirect (the run directory, the rbd sysfs root, the device directory)
+is a setting, so a test never touches the host's real `/var/run/imageapi` or `/sys/bus/rbd`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_RUN_DIR = Path("/var/run/imageapi")
+
+
+@dataclass(frozen=True)
+class Settings:
+    run_dir: Path = DEFAULT_RUN_DIR
+    # None means "<run_dir>/mounts" and "<run_dir>/logs".
+    mount_dir: Path | None = None
+    log_dir: Path | None = None
+    rbd_sysfs: Path = Path("/sys/bus/rbd")
+    dev_dir: Path = Path("/dev")
+    # How long to wait for udev (or the simulator) to create /dev/rbdN after a map.
+    device_timeout: float = 10.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mounts(self) -> Path:
+        return self.mount_dir or self.run_dir / "mounts"
+
+    @property
+    def logs(self) -> Path:
+        return self.log_dir or self.run_dir / "logs"

@@ -1,0 +1,62 @@
+"""Checks shared by drivers: strings that end up inside kernel strings must be plain.
+
+Anything a client sends that reaches a sysfs control string or a mount(2) data string is
+checked here against an allow-list, so no value can smuggle a separator (`,` between
+options, whitespace between fields, `=` inside a value, `:` inside overlayfs lowerdir).
+"""
+
+from __future__ import annotations
+
+import re
+
+from imageapi.errors import BadRequest
+from imageapi.kernel.mount import FORBIDDEN_WORDS
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9._+:-]+")
+FS_TYPE = re.compile(r"[a-z0-9][a-z0-9._+-]*")
+# A mount(8) word: `flag` or `key=value`; no comma, whitespace or control character.
+MOUNT_WORD = re.compile(r"[A-Za-z0-9_.:/@+-]+(=[A-Za-z0-9_.:/@+=-]*)?")
+
+
+def plain_name(value: object, field: str, max_len: int = 128) -> str:
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{field}: must be a non-empty string")
+    if len(value) > max_len or not PLAIN_NAME.fullmatch(value):
+        raise BadRequest(
+            f"{field}: {value!r} is not a plain name (letters, digits and . _ + : - only, "
+            f"at most {max_len} characters)"
+        )
+    return value
+
+
+def fs_type(value: object) -> str:
+    if not isinstance(value, str) or not FS_TYPE.fullmatch(value) or len(value) > 64:
+        raise BadRequest(f"fs_type: {value!r} is not a filesystem type name")
+    return value
+
+
+def mount_options(value: object) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequest("mount_options: must be an array of strings")
+    words: list[str] = []
+    for i, word in enumerate(value):
+        if not isinstance(word, str) or not MOUNT_WORD.fullmatch(word) or len(word) > 256:
+            raise BadRequest(
+                f"mount_options[{i}]: {word!r} is not a single mount option "
+                "(one word or key=value, no commas, spaces or control characters)"
+            )
+        if word.split("=", 1)[0] in FORBIDDEN_WORDS:
+            raise BadRequest(f"mount_options[{i}]: {word!r} is not a filesystem option")
+        words.append(word)
+    return words
+
+
+def reference(value: object, field: str) -> int | None:
+    """An id reference; 0 and absence both mean "not given" (the contract's rule)."""
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"{field}: must be a positive integer id")
+    return value

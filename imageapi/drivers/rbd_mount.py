@@ -1,0 +1,83 @@
+"""Mount a filesystem from an attached rbd device (typically a squashfs system image)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from imageapi.drivers import checks
+from imageapi.drivers.base import Driver, Need, Node, Spec, State
+from imageapi.drivers.mountpoints import fresh_dir, mount_error, remove_dir, unmount
+from imageapi.errors import BadRequest
+from imageapi.kernel import mount as kmount
+
+
+class RbdMount(Driver):
+    collection = "mount"
+    kind = "rbd"
+    noun = "rbd mount"
+    # Which attachment kind this mounts, and the request fields naming it.
+    source_kind = "rbd"
+
+    def __init__(self, mount_dir: Path) -> None:
+        self.mount_dir = mount_dir
+
+    def normalize(self, spec: Spec) -> Spec:
+        out: Spec = {
+            "fs_type": checks.fs_type(spec.get("fs_type")),
+            "mount_options": checks.mount_options(spec.get("mount_options")),
+        }
+        ref_field = f"{self.source_kind}_id"
+        ref = checks.reference(spec.get(ref_field), ref_field)
+        if ref is not None:
+            out[ref_field] = ref  # the reference wins over a definition
+        elif isinstance(spec.get(self.source_kind), dict):
+            out[self.source_kind] = spec[self.source_kind]
+        else:
+            raise BadRequest(
+                f"{self.noun}: give {ref_field} (an attached {self.source_kind}) "
+                f"or {self.source_kind} (one to attach)"
+            )
+        return out
+
+    def needs(self, spec: Spec) -> list[Need]:
+        field = f"{self.source_kind}_id"
+        return [
+            Need(
+                slot=field if field in spec else self.source_kind,
+                collection="attach",
+                kind=self.source_kind,
+                ref=spec.get(field),
+                spec=spec.get(self.source_kind),
+            )
+        ]
+
+    def build(self, node: Node) -> State:
+        source = node.needs[0][1].state["device_file"]
+        opts = kmount.parse_options(node.spec["mount_options"])
+        target = fresh_dir(self.mount_dir, "mount_")
+        try:
+            kmount.mount(source, str(target), node.spec["fs_type"], opts.flags, opts.data)
+        except OSError as exc:
+            remove_dir(target)
+            raise mount_error(exc, f"cannot mount {source} ({node.spec['fs_type']})") from exc
+        return {"mountpoint": str(target)}
+
+    def destroy(self, node: Node) -> None:
+        target = Path(node.state["mountpoint"])
+        unmount(target)
+        remove_dir(target)
+
+    def render(self, node: Node, embed: Callable[[Node], dict[str, Any]]) -> dict[str, Any]:
+        _need, source = node.needs[0]
+        view: dict[str, Any] = {
+            "id": node.id,
+            "fs_type": node.spec["fs_type"],
+            "mount_options": list(node.spec["mount_options"]),
+            f"{self.source_kind}_id": source.id,
+        }
+        if node.owns(source):
+            view[self.source_kind] = embed(source)
+        view["mountpoint"] = node.state["mountpoint"]
+        return view

@@ -1,0 +1,275 @@
+"""The object graph: every attachment and mount, their ids, references and lifetimes.
+
+Rules (from the Image API v1 contract):
+- ids come from one counter for all kinds, start at 1 and are never reused;
+- `refs` counts holders: the API holds what it created directly, every object that stands on
+  another holds one more; an object defined inline is held only by the object that defined it
+  (its owner);
+- whatever loses its last holder is torn down at once, bottom-up;
+- DELETE of an object that something else holds is a 409 and changes nothing;
+- a nested request that fails part-way releases exactly what it built, in reverse order.
+
+Locking discipline — one lock, `Registry._lock`, and three rules:
+1. Every read or write of the node table, of a node's `refs`/`status`/`owner`/`api_held`,
+   of the claim table and of the id counter happens with the lock held, in one critical
+   section per decision (check and act together: no check-then-act across a release).
+2. The lock is never held across a driver's `build`/`destroy` (kernel calls that may block
+   for seconds) nor across anything else that can block; other requests only ever wait
+   for a few dictionary operations.
+3. A node being built is invisible (not in the table) until committed; a node being torn down
+   has `status == "destroying"` and cannot be referenced, read or deleted. So a kernel call
+   always runs on an object that no other request can reach in a conflicting way, and the
+   uniqueness claims (e.g. "this image is mapped") are taken under the lock before building.
+
+Every committed change goes through `_commit`, the one place a durable journal will hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+from imageapi.drivers.base import Driver, Need, Node, Spec
+from imageapi.errors import ApiError, BadRequest, Conflict, NotFound, SystemFault
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[str, Node], None]
+
+
+class Registry:
+    def __init__(self, drivers: Iterable[Driver]) -> None:
+        self._drivers = {(d.collection, d.kind): d for d in drivers}
+        self._lock = threading.Lock()
+        self._nodes: dict[int, Node] = {}
+        self._claims: dict[Hashable, int] = {}  # claim -> holder id (0 while building)
+        self._next_id = 1
+        self._listeners: list[Listener] = []
+
+    # -- public API: what the handlers call ------------------------------------------------
+
+    def kinds(self, collection: str) -> list[str]:
+        return sorted(k for c, k in self._drivers if c == collection)
+
+    def create(self, collection: str, kind: str, spec: Spec) -> dict[str, Any]:
+        node = self._create(collection, kind, spec, owned=False)
+        with self._lock:
+            return self._render(node)
+
+    def get(self, collection: str, kind: str | None, node_id: int) -> dict[str, Any]:
+        with self._lock:
+            node = self._lookup(collection, kind, node_id)
+            return self._render_as(node, generic=kind is None)
+
+    def list(self, collection: str, kind: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                self._render_as(n, generic=kind is None)
+                for n in sorted(self._nodes.values(), key=lambda n: n.id)
+                if n.collection == collection
+                and (kind is None or n.kind == kind)
+                and n.status == "ready"
+            ]
+
+    def delete(self, collection: str, kind: str, node_id: int) -> dict[str, Any]:
+        with self._lock:
+            node = self._lookup(collection, kind, node_id)
+            what = self._noun(node)
+            if not node.api_held:
+                owner = self._nodes.get(node.owner or 0)
+                by = f"{self._noun(owner)} {owner.id}" if owner else "another object"
+                raise Conflict(f"{what} {node.id} was defined inside {by}; it goes when that goes")
+            users = self._users(node)
+            if users:
+                names = ", ".join(f"{self._noun(u)} {u.id}" for u in users)
+                raise Conflict(f"{what} {node.id} is in use by {names}")
+            view = self._render(node)
+            node.refs, node.api_held, node.status = 0, False, "destroying"
+            self._commit("release", node)
+        self._teardown(node, restore=True)
+        view["refs"] = 0
+        return view
+
+    def kind_of(self, node_id: int, collection: str = "mount") -> str | None:
+        with self._lock:
+            node = self._nodes.get(node_id)
+            return node.kind if node and node.collection == collection else None
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call `listener(event, node)` on every committed change, with the lock held."""
+        self._listeners.append(listener)
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _driver(self, collection: str, kind: str) -> Driver:
+        try:
+            return self._drivers[(collection, kind)]
+        except KeyError:
+            kinds = ", ".join(self.kinds(collection))
+            raise BadRequest(f"unknown {collection} kind {kind!r} (known: {kinds})") from None
+
+    def _create(self, collection: str, kind: str, spec: Spec, owned: bool) -> Node:
+        driver = self._driver(collection, kind)
+        spec = driver.normalize(spec)
+        resolved: list[tuple[Need, Node]] = []
+        claim: Hashable | None = None
+        try:
+            for need in driver.needs(spec):
+                if need.ref is not None:
+                    resolved.append((need, self._acquire(need)))
+                else:
+                    assert need.spec is not None
+                    child = self._create(need.collection, need.kind, need.spec, owned=True)
+                    resolved.append((need, child))
+            claim = driver.claim(spec)
+            if claim is not None:
+                self._take_claim(claim, driver)
+            driver.check_available(spec)
+            node = Node(
+                id=0, collection=collection, kind=kind, spec=spec, needs=resolved, state={},
+                api_held=not owned, claim=claim,
+            )
+            node.state = driver.build(node)
+        except BaseException:
+            if claim is not None:
+                with self._lock:
+                    self._claims.pop(claim, None)
+            self._release_all(resolved)
+            raise
+        with self._lock:
+            node.id = self._next_id
+            self._next_id += 1
+            if claim is not None:
+                self._claims[claim] = node.id
+            for need, child in resolved:
+                if need.ref is None:
+                    child.owner = node.id
+            self._nodes[node.id] = node
+            self._commit("create", node)
+        log.info("created %s %d", driver.noun, node.id)
+        return node
+
+    def _take_claim(self, claim: Hashable, driver: Driver) -> None:
+        with self._lock:
+            holder = self._claims.get(claim)
+            if holder is None:
+                self._claims[claim] = 0
+                return
+        by = f"by {driver.noun} {holder}" if holder else "by a request in progress"
+        raise Conflict(f"{driver.describe_claim(claim)} is already {driver.claimed_as} {by}")
+
+    def _acquire(self, need: Need) -> Node:
+        """Take a reference on an existing object for a new user."""
+        want = self._drivers[(need.collection, need.kind)].noun
+        with self._lock:
+            node = self._nodes.get(need.ref or 0)
+            if node is None or node.collection != need.collection:
+                raise NotFound(f"{need.slot}: no {need.collection} object with id {need.ref}")
+            if node.kind != need.kind:
+                raise BadRequest(
+                    f"{need.slot}: {need.collection} {node.id} is {_a(self._noun(node))}, "
+                    f"not {_a(want)}"
+                )
+            if node.status != "ready":
+                raise Conflict(f"{need.slot}: {want} {node.id} is being torn down")
+            node.refs += 1
+            self._commit("hold", node)
+            return node
+
+    # -- tearing down ------------------------------------------------------------------------
+
+    def _release_all(self, resolved: list[tuple[Need, Node]]) -> list[ApiError]:
+        """Release the objects a node stood on, last first; return what could not go."""
+        failures: list[ApiError] = []
+        for _need, child in reversed(resolved):
+            try:
+                self._release(child)
+            except ApiError as exc:
+                failures.append(exc)
+        return failures
+
+    def _release(self, node: Node) -> None:
+        with self._lock:
+            node.refs -= 1
+            dead = node.refs == 0
+            if dead:
+                node.status = "destroying"
+            self._commit("release", node)
+        if dead:
+            self._teardown(node, restore=False)
+
+    def _teardown(self, node: Node, restore: bool) -> None:
+        """Destroy a node nobody holds, then release what it stood on.
+
+        If the kernel refuses, the node stays, held by the API again (so it can be deleted by
+        id later); `restore` says the caller asked for this very node, otherwise it was
+        collected as a dependency and its failure is reported as such.
+        """
+        driver = self._drivers[(node.collection, node.kind)]
+        try:
+            driver.destroy(node)
+        except Exception as exc:
+            with self._lock:
+                node.refs, node.api_held, node.owner, node.status = 1, True, None, "ready"
+                self._commit("restore", node)
+            err = exc if isinstance(exc, ApiError) else SystemFault(f"{exc}")
+            if restore:
+                raise err from exc
+            raise type(err)(
+                f"{driver.noun} {node.id} could not be torn down ({err.message}); it is kept, "
+                f"held by the API: delete it by id once it is free"
+            ) from exc
+        with self._lock:
+            self._nodes.pop(node.id, None)
+            if node.claim is not None and self._claims.get(node.claim) == node.id:
+                del self._claims[node.claim]
+            self._commit("destroy", node)
+        log.info("destroyed %s %d", driver.noun, node.id)
+        failures = self._release_all(node.needs)
+        if failures:
+            noun = driver.noun
+            detail = "; ".join(f.message for f in failures)
+            raise SystemFault(f"{noun} {node.id} was removed, but not all it stood on: {detail}")
+
+    # -- helpers (lock held) -------------------------------------------------------------
+
+    def _lookup(self, collection: str, kind: str | None, node_id: int) -> Node:
+        node = self._nodes.get(node_id)
+        if (
+            node is None
+            or node.collection != collection
+            or (kind is not None and node.kind != kind)
+            or node.status != "ready"
+        ):
+            noun = self._drivers[(collection, kind)].noun if kind else collection
+            raise NotFound(f"no {noun} with id {node_id}")
+        return node
+
+    def _users(self, node: Node) -> list[Node]:
+        return [
+            n for n in sorted(self._nodes.values(), key=lambda n: n.id)
+            if any(dep is node for _need, dep in n.needs)
+        ]
+
+    def _noun(self, node: Node) -> str:
+        return self._drivers[(node.collection, node.kind)].noun
+
+    def _render(self, node: Node) -> dict[str, Any]:
+        driver = self._drivers[(node.collection, node.kind)]
+        view = driver.render(node, self._render)
+        view["refs"] = node.refs
+        return view
+
+    def _render_as(self, node: Node, generic: bool) -> dict[str, Any]:
+        view = self._render(node)
+        return {"kind": node.kind, "mount_id": node.id, node.kind: view} if generic else view
+
+    def _commit(self, event: str, node: Node) -> None:
+        for listener in self._listeners:
+            listener(event, node)
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"

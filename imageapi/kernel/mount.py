@@ -1,0 +1,180 @@
+"""mount(2) and umount2(2) through libc, and the translation of mount(8)-style option lists.
+
+We call the syscalls directly rather than running mount(8): no dependency on util-linux
+behaviour (helpers, fstab, mtab), and the errno reaches the caller intact.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from dataclasses import dataclass
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_REMOUNT = 32
+MS_MANDLOCK = 64
+MS_DIRSYNC = 128
+MS_NOSYMFOLLOW = 256
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_SILENT = 32768
+MS_UNBINDABLE = 1 << 17
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MS_LAZYTIME = 1 << 25
+
+MNT_FORCE = 1
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+
+# mount(8) option words that are flags to mount(2) rather than filesystem data:
+# word -> (flags to set, flags to clear).
+_FLAG_WORDS: dict[str, tuple[int, int]] = {
+    "ro": (MS_RDONLY, 0),
+    "rw": (0, MS_RDONLY),
+    "nosuid": (MS_NOSUID, 0),
+    "suid": (0, MS_NOSUID),
+    "nodev": (MS_NODEV, 0),
+    "dev": (0, MS_NODEV),
+    "noexec": (MS_NOEXEC, 0),
+    "exec": (0, MS_NOEXEC),
+    "sync": (MS_SYNCHRONOUS, 0),
+    "async": (0, MS_SYNCHRONOUS),
+    "dirsync": (MS_DIRSYNC, 0),
+    "noatime": (MS_NOATIME, 0),
+    "atime": (0, MS_NOATIME),
+    "nodiratime": (MS_NODIRATIME, 0),
+    "diratime": (0, MS_NODIRATIME),
+    "relatime": (MS_RELATIME, 0),
+    "norelatime": (0, MS_RELATIME),
+    "strictatime": (MS_STRICTATIME, 0),
+    "nostrictatime": (0, MS_STRICTATIME),
+    "lazytime": (MS_LAZYTIME, 0),
+    "nolazytime": (0, MS_LAZYTIME),
+    "nosymfollow": (MS_NOSYMFOLLOW, 0),
+    "silent": (MS_SILENT, 0),
+    "loud": (0, MS_SILENT),
+}
+
+# Words that would turn a mount into something else (a bind, a move, a remount, a
+# propagation change) — never acceptable as a filesystem's options.
+FORBIDDEN_WORDS = frozenset(
+    {
+        "bind", "rbind", "move", "remount", "defaults", "shared", "rshared", "slave", "rslave",
+        "private", "rprivate", "unbindable", "runbindable", "mand", "nomand", "user", "users",
+        "nouser", "owner", "group", "auto", "noauto", "_netdev", "nofail",
+    }
+)
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    flags: int
+    data: str
+
+
+def parse_options(words: list[str]) -> MountOptions:
+    """Split mount(8)-style words into mount(2) flags and the filesystem's data string.
+
+    The caller validates the words (no commas, no forbidden words); this only sorts them.
+    """
+    flags = 0
+    data: list[str] = []
+    for word in words:
+        if word in _FLAG_WORDS:
+            on, off = _FLAG_WORDS[word]
+            flags = (flags | on) & ~off
+        else:
+            data.append(word)
+    return MountOptions(flags, ",".join(data))
+
+
+def _raise(path: str) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err), path)
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str = "") -> None:
+    rc = _libc.mount(
+        source.encode(),
+        target.encode(),
+        fstype.encode() if fstype else None,
+        flags,
+        data.encode() if data else None,
+    )
+    if rc != 0:
+        _raise(target)
+
+
+def umount(target: str, flags: int = 0) -> None:
+    if _libc.umount2(target.encode(), flags) != 0:
+        _raise(target)
+
+
+def is_mountpoint(path: str) -> bool:
+    """True when `path` is the root of a mount, judged by /proc/self/mountinfo."""
+    real = os.path.realpath(path)
+    return any(entry.mountpoint == real for entry in mountinfo())
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_id: int
+    parent_id: int
+    major_minor: str
+    root: str
+    mountpoint: str
+    fstype: str
+    source: str
+    options: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal.
+    return (
+        field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+        .replace("\\134", "\\")
+    )
+
+
+def mountinfo(pid: str = "self") -> list[MountEntry]:
+    entries = []
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            parts = left.split()
+            fstype, source, *rest = right.split()
+            entries.append(
+                MountEntry(
+                    mount_id=int(parts[0]),
+                    parent_id=int(parts[1]),
+                    major_minor=parts[2],
+                    root=_unescape(parts[3]),
+                    mountpoint=_unescape(parts[4]),
+                    fstype=fstype,
+                    source=_unescape(source),
+                    options=rest[0] if rest else "",
+                )
+            )
+    return entries
