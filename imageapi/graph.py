@@ -272,4 +272,5 @@ class Registry:
 
 
 def _a(noun: str) -> str:
-    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
+    # "rbd" is read "ar-bee-dee", so it takes "an" too.
+    return f"an {noun}" if noun.startswith(("a", "e", "i", "o", "u", "rbd")) else f"a {noun}"

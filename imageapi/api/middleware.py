@@ -1,0 +1,152 @@
+"""ASGI helpers for middlewares that look at request bodies before connexion validates them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from email.message import Message as MimeHeader
+from typing import Any
+
+from connexion.exceptions import UnsupportedMediaTypeProblem
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Requests of this API are small JSON documents; a larger body is a mistake or an attack.
+MAX_BODY = 1 << 20
+
+
+def operation_id(scope: Scope) -> str | None:
+    """The operationId connexion's routing middleware attached to the scope, if any."""
+    routing: Mapping[str, Any] = scope.get("extensions", {}).get("connexion_routing", {})
+    return routing.get("operation_id")
+
+
+async def read_body(receive: Receive, limit: int = MAX_BODY) -> tuple[bytes, bool]:
+    """The whole request body, and whether the client disconnected while sending it."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(chunks), True
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body larger than {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), False
+
+
+def replay(body: bytes, receive: Receive, disconnected: bool = False) -> Receive:
+    """A receive channel that yields `body` once, then defers to the real channel."""
+    sent = False
+
+    async def receive_again() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        if disconnected:
+            return {"type": "http.disconnect"}
+        return await receive()
+
+    return receive_again
+
+
+def with_body_headers(scope: Scope, length: int, content_type: str | None = None) -> Scope:
+    """A copy of `scope` whose Content-Length (and optionally Content-Type) match a new body."""
+    new_scope = dict(scope)
+    new_scope["headers"] = list(scope["headers"])
+    headers = MutableHeaders(scope=new_scope)
+    headers["content-length"] = str(length)
+    if "transfer-encoding" in headers:
+        del headers["transfer-encoding"]
+    if content_type is not None:
+        headers["content-type"] = content_type
+    return new_scope
+
+
+class BodyGuard:
+    """Make request bodies digestible for connexion's validator and the handlers.
+
+    - A chunked body has no Content-Length, and connexion 3.3 then treats the request as
+      having no body at all ("RequestBody is required"): buffer it and set the length.
+    - Without a Content-Type, connexion validates the body as JSON but hands the handler raw
+      bytes: default it to application/json, the only type this API consumes.
+    - A charset other than UTF-8 is a 415: connexion ignores `; charset=...` (it only sees the
+      parameter when no space precedes it) and the handlers parse bytes as UTF-8 JSON anyway.
+    - Refuse bodies over `MAX_BODY` with a 413 instead of buffering them.
+    """
+
+    def __init__(self, app: ASGIApp, *, limit: int = MAX_BODY) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or operation_id(scope) is None:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        content_type = None if "content-type" in headers else "application/json"
+        charset = _charset(headers.get("content-type"))
+        if charset not in (None, "utf-8", "utf8"):
+            raise UnsupportedMediaTypeProblem(
+                detail=f"unsupported charset {charset!r}: request bodies must be UTF-8 JSON"
+            )
+        length_header = headers.get("content-length")
+        if length_header is not None:
+            try:
+                length = int(length_header)
+            except ValueError:
+                raise HTTPException(400, "invalid Content-Length") from None
+            if length > self.limit:
+                raise HTTPException(413, f"request body larger than {self.limit} bytes")
+            if content_type is not None and length > 0:
+                scope = with_body_headers(scope, length, content_type)
+            await self.app(scope, receive, send)
+            return
+        if "chunked" not in headers.get("transfer-encoding", "").lower():
+            await self.app(scope, receive, send)
+            return
+        body, disconnected = await read_body(receive, self.limit)
+        scope = with_body_headers(scope, len(body), content_type if body else None)
+        await self.app(scope, replay(body, receive, disconnected), send)
+
+
+def _charset(content_type: str | None) -> str | None:
+    if not content_type:
+        return None
+    header = MimeHeader()
+    header["content-type"] = content_type
+    return header.get_content_charset()
+
+
+class StaticDocument:
+    """Serve one fixed document at one path (GET and HEAD), pass everything else on.
+
+    Used for swagger.json: connexion 3.3 serves the spec with its `$ref`s resolved in place,
+    and the recursive definitions of this API (a mount holds an overlay holds mounts) make that
+    a cyclic structure it cannot serialise (a 500). The document served here is the spec as
+    written.
+    """
+
+    def __init__(self, app: ASGIApp, *, path: str, body: bytes, media_type: str) -> None:
+        self.app = app
+        self.path = path
+        self.body = body
+        self.media_type = media_type
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            raise HTTPException(405, headers={"Allow": "GET, HEAD"})
+        headers = [
+            (b"content-type", self.media_type.encode()),
+            (b"content-length", str(len(self.body)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        body = b"" if scope["method"] == "HEAD" else self.body
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,128 @@
+"""The ASGI application: swagger.yaml routed onto a `Handlers` object by connexion 3.
+
+`create_app` holds no module-level state: every app gets its own service, handlers, resolver
+and error handlers, so one process (or one test) can hold several.
+
+Request path through the middleware stack (outermost first):
+
+    ServerErrorMiddleware   last resort: anything escaping below is a generic JSON 500
+    ExceptionMiddleware     ApiError, connexion problems, starlette 404/405, bugs -> JSON errors
+    StaticDocument          /imageapi/v1/swagger.json (the spec as written)
+    SwaggerUIMiddleware     /imageapi/v1/ui/
+    RoutingMiddleware       path + method -> operationId
+    SecurityMiddleware      (no security schemes in this API)
+    BodyGuard               chunked bodies, missing Content-Type, size limit
+    LegacyShim              old request shapes of the seed walkthrough -> 0.1.x shapes
+    RequestValidation       parameters and JSON body against the spec (our validators)
+    ResponseValidation      only if asked for (tests); never in production
+    Lifespan, Context       connexion internals
+    AsyncASGIApp            calls the handler; sync handlers run in the threadpool
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+import yaml
+from connexion import AsyncApp, ConnexionMiddleware
+from connexion.exceptions import ProblemException
+from connexion.middleware import MiddlewarePosition
+from connexion.middleware.server_error import ServerErrorMiddleware
+from connexion.options import SwaggerUIOptions
+from connexion.resolver import Resolver
+from starlette.exceptions import HTTPException
+
+from imageapi.api.error_handlers import ErrorHandlers, RouteTable
+from imageapi.api.legacy import LegacyShim
+from imageapi.api.middleware import BodyGuard, StaticDocument
+from imageapi.api.validation import validator_map
+from imageapi.config import Settings
+from imageapi.errors import ApiError
+
+SPEC_RESOURCE = "swagger.yaml"
+SPEC_PATH = "/swagger.json"  # under the base path
+
+
+def load_spec() -> dict[str, Any]:
+    """The API document shipped inside the package (a symlink to the repository's copy)."""
+    text = resources.files("imageapi").joinpath(SPEC_RESOURCE).read_text(encoding="utf-8")
+    spec = yaml.safe_load(text)
+    assert isinstance(spec, dict)
+    return spec
+
+
+def create_app(
+    settings: Settings,
+    service: Any = None,
+    handlers: Any = None,
+    *,
+    kind_of: Callable[[int], str | None] | None = None,
+    validate_responses: bool = False,
+) -> AsyncApp:
+    """Build the app for one service.
+
+    `service` defaults to `imageapi.service.Service(settings)`, `handlers` to
+    `imageapi.api.handlers.Handlers(service)`; tests pass stand-ins. `kind_of` (the kind of a
+    mount id, for the legacy shim) defaults to `service.registry.kind_of`.
+    """
+    if service is None and handlers is None:
+        from imageapi.service import Service  # imported late: it pulls in drivers and kernel
+
+        service = Service(settings)
+    if handlers is None:
+        from imageapi.api.handlers import Handlers
+
+        handlers = Handlers(service)
+    if kind_of is None:
+        registry = getattr(service, "registry", None)
+        kind_of = getattr(registry, "kind_of", None) or _no_kinds
+
+    spec = load_spec()
+    errors = ErrorHandlers(RouteTable.from_spec(spec))
+
+    # Replace the outermost middleware's plain-text/problem 500 by our JSON body.
+    middlewares = [
+        functools.partial(ServerErrorMiddleware, handler=errors.last_resort)
+        if m is ServerErrorMiddleware
+        else m
+        for m in ConnexionMiddleware.default_middlewares
+    ]
+    app = AsyncApp(__name__, middlewares=middlewares)
+    app.add_api(
+        copy.deepcopy(spec),  # connexion edits what it is given
+        # The operationId is the method name; a missing method fails at startup, not per request.
+        resolver=Resolver(function_resolver=lambda operation_id: getattr(handlers, operation_id)),
+        validator_map=validator_map(),
+        validate_responses=validate_responses,
+        # The UI comes from connexion; the spec it loads is served by StaticDocument below.
+        swagger_ui_options=SwaggerUIOptions(
+            serve_spec=False, spec_path=SPEC_PATH, swagger_ui=True, swagger_ui_path="/ui"
+        ),
+    )
+    app.add_middleware(
+        StaticDocument,
+        position=MiddlewarePosition.BEFORE_SWAGGER,
+        path=str(spec["basePath"]).rstrip("/") + SPEC_PATH,
+        body=json.dumps(spec, indent=2).encode(),
+        media_type="application/json",
+    )
+    # Added in this order, BodyGuard wraps LegacyShim: the shim sees complete, typed bodies.
+    app.add_middleware(BodyGuard, position=MiddlewarePosition.BEFORE_VALIDATION)
+    app.add_middleware(LegacyShim, position=MiddlewarePosition.BEFORE_VALIDATION, kind_of=kind_of)
+
+    # starlette picks the handler along the exception's MRO. ProblemException must be named
+    # although it is an HTTPException: connexion registers its own problem+json handler for it.
+    app.add_error_handler(ApiError, errors.api_error)
+    app.add_error_handler(ProblemException, errors.http_error)
+    app.add_error_handler(HTTPException, errors.http_error)
+    app.add_error_handler(Exception, errors.unexpected)
+    return app
+
+
+def _no_kinds(_mount_id: int) -> str | None:
+    return None

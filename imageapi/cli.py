@@ -1,0 +1,365 @@
+"""`imageapi-server`: serve the Image API on http, https and/or a unix socket.
+
+All listeners share one app, hence one service and one object graph, in one process and one
+event loop: a `uvicorn.Server` per listener, each given a socket this module bound itself
+(so the unix socket can be created 0600, and a TCP port is known before anything starts).
+
+Flags and environment variables are those of the original server (`--scheme`, `--host`,
+`--port`, `--socket-path`, `--tls-*`; `HOST`, `PORT`, `TLS_*`), plus the directories and
+timeouts of `imageapi.config.Settings`.
+
+SIGTERM or SIGINT: stop accepting, let in-flight requests finish, exit 0. A second SIGINT or
+SIGTERM stops waiting for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import stat
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from imageapi.config import DEFAULT_RUN_DIR, Settings
+
+log = logging.getLogger("imageapi.server")
+
+SCHEMES = ("http", "https", "unix")
+DEFAULT_SOCKET = "/var/run/imageapi.sock"
+LOGLEVEL_ENV = "IMAGEAPI_LOGLEVEL"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        prog="imageapi-server",
+        description="Serve the Image API v1: attach RBD images, mount them, run containers.",
+        epilog=f"Log level: environment variable {LOGLEVEL_ENV} (DEBUG, INFO, WARNING, ...).",
+    )
+    listen = p.add_argument_group("listeners")
+    listen.add_argument(
+        "--scheme",
+        action="append",
+        choices=SCHEMES,
+        help="listener to serve; repeat for several (default: http)",
+    )
+    listen.add_argument(
+        "--host", default=env("HOST", "localhost"), help="http host (env HOST; default localhost)"
+    )
+    listen.add_argument(
+        "--port", type=int, default=env("PORT", "8080"), help="http port (env PORT; default 8080)"
+    )
+    listen.add_argument(
+        "--socket-path",
+        type=Path,
+        default=Path(DEFAULT_SOCKET),
+        help=f"unix socket, created mode 0600 (default {DEFAULT_SOCKET})",
+    )
+    listen.add_argument(
+        "--tls-host", default=env("TLS_HOST"), help="https host (env TLS_HOST; default: --host)"
+    )
+    listen.add_argument(
+        "--tls-port",
+        type=int,
+        default=env("TLS_PORT", "8443"),
+        help="https port (env TLS_PORT; default 8443)",
+    )
+    listen.add_argument(
+        "--tls-certificate",
+        type=Path,
+        default=env("TLS_CERTIFICATE"),
+        help="server certificate, PEM (env TLS_CERTIFICATE)",
+    )
+    listen.add_argument(
+        "--tls-key",
+        type=Path,
+        default=env("TLS_PRIVATE_KEY"),
+        help="server private key, PEM (env TLS_PRIVATE_KEY)",
+    )
+    listen.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=env("TLS_CA_CERTIFICATE"),
+        help="CA of client certificates; when given, clients must present one it signed "
+        "(env TLS_CA_CERTIFICATE)",
+    )
+    dirs = p.add_argument_group("host paths")
+    dirs.add_argument(
+        "--run-dir",
+        type=Path,
+        default=DEFAULT_RUN_DIR,
+        help=f"state directory, created 0700 (default {DEFAULT_RUN_DIR})",
+    )
+    dirs.add_argument("--mount-dir", type=Path, help="mountpoints (default RUN_DIR/mounts)")
+    dirs.add_argument("--log-dir", type=Path, help="container logs (default RUN_DIR/logs)")
+    dirs.add_argument("--rbd-sysfs", type=Path, help="rbd sysfs root (default /sys/bus/rbd)")
+    dirs.add_argument("--dev-dir", type=Path, help="device directory (default /dev)")
+    dirs.add_argument(
+        "--device-timeout",
+        type=float,
+        help="seconds to wait for /dev/rbdN after a map (default 10)",
+    )
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Keep the order given, drop repeats: each scheme is one listener.
+    args.scheme = list(dict.fromkeys(args.scheme or ["http"]))
+    for name in ("port", "tls_port"):
+        if not 0 <= getattr(args, name) <= 65535:
+            parser.error(f"--{name.replace('_', '-')}: not a port number")
+    if "https" in args.scheme and not (args.tls_certificate and args.tls_key):
+        parser.error("--scheme https needs --tls-certificate and --tls-key")
+    if args.device_timeout is not None and args.device_timeout <= 0:
+        parser.error("--device-timeout: must be positive")
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    given: dict[str, Any] = {"run_dir": args.run_dir}
+    for name in ("mount_dir", "log_dir", "rbd_sysfs", "dev_dir", "device_timeout"):
+        value = getattr(args, name)
+        if value is not None:
+            given[name] = value
+    return Settings(**given)
+
+
+def configure_logging() -> None:
+    name = os.environ.get(LOGLEVEL_ENV, "INFO").strip().upper()
+    level = logging.getLevelName(name)
+    logging.basicConfig(
+        level=level if isinstance(level, int) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not isinstance(level, int):
+        log.warning("%s=%r is not a log level; using INFO", LOGLEVEL_ENV, name)
+
+
+def prepare_dirs(settings: Settings) -> None:
+    """Create the state directories; only directories created here get their mode set."""
+    for path in (settings.run_dir, settings.mounts, settings.logs):
+        if not path.is_dir():
+            path.mkdir(mode=0o700, parents=True)
+            path.chmod(0o700)  # mkdir's mode is filtered by the umask
+
+
+@dataclass
+class Listener:
+    label: str  # e.g. "https://127.0.0.1:8443", "unix:/var/run/imageapi.sock"
+    sock: socket.socket
+    tls: dict[str, Any] = field(default_factory=dict)  # uvicorn.Config ssl_* arguments
+    unix_path: Path | None = None
+    unix_ino: int | None = None
+
+    def close(self) -> None:
+        self.sock.close()
+        path = self.unix_path
+        if path is None:
+            return
+        # Remove the socket file only if it is still ours (not replaced by another server).
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(path).st_ino == self.unix_ino:
+                path.unlink()
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    # Like the original server, listen on one address; prefer IPv4 for "localhost".
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def bind_unix(path: Path) -> tuple[socket.socket, int]:
+    """Bind `path` mode 0600, replacing a stale socket file; fail if a server answers on it."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(os.fspath(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # stale: left by a server that did not clean up
+        else:
+            raise FileExistsError(f"{path}: another server is listening on it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # The umask makes the file 0600 from its creation on: there is no moment in which
+        # another user could connect. (No other thread runs yet, so changing it is safe.)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(os.fspath(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock, os.lstat(path).st_ino
+
+
+def tcp_label(scheme: str, sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def open_listeners(args: argparse.Namespace) -> list[Listener]:
+    listeners: list[Listener] = []
+    try:
+        for scheme in args.scheme:
+            if scheme == "http":
+                sock = bind_tcp(args.host, args.port)
+                listeners.append(Listener(tcp_label("http", sock), sock))
+            elif scheme == "https":
+                sock = bind_tcp(args.tls_host or args.host, args.tls_port)
+                tls: dict[str, Any] = {
+                    "ssl_certfile": os.fspath(args.tls_certificate),
+                    "ssl_keyfile": os.fspath(args.tls_key),
+                }
+                if args.tls_ca:
+                    tls["ssl_ca_certs"] = os.fspath(args.tls_ca)
+                    tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+                listeners.append(Listener(tcp_label("https", sock), sock, tls))
+            else:
+                sock, ino = bind_unix(args.socket_path)
+                listeners.append(
+                    Listener(
+                        f"unix:{args.socket_path}", sock, unix_path=args.socket_path, unix_ino=ino
+                    )
+                )
+    except BaseException:
+        close_all(listeners)
+        raise
+    return listeners
+
+
+def close_all(listeners: Sequence[Listener]) -> None:
+    for listener in listeners:
+        listener.close()
+
+
+class ListenerServer(uvicorn.Server):
+    """One uvicorn server per listener; signals are handled once, for all, by `serve_all`."""
+
+    def __init__(self, config: uvicorn.Config, label: str) -> None:
+        super().__init__(config)
+        self.label = label
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn's version installs handlers per server (the last one installed wins) and
+        # re-raises the signal after shutdown, which turns a clean exit into death by SIGTERM.
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            log.info("accepting connections on %s", self.label)
+
+
+def make_servers(app: Any, listeners: Sequence[Listener]) -> list[ListenerServer]:
+    servers = []
+    for i, listener in enumerate(listeners):
+        config = uvicorn.Config(
+            app,
+            # The app is shared: run its startup/shutdown (lifespan) once, with the first server.
+            lifespan="on" if i == 0 else "off",
+            log_config=None,  # logging is configured once, by configure_logging
+            proxy_headers=False,  # nothing sits in front of this daemon to be trusted
+            server_header=False,
+            timeout_graceful_shutdown=None,  # in-flight kernel calls are allowed to finish
+            **listener.tls,
+        )
+        config.load()  # now, so a bad certificate or key fails before anything is served
+        servers.append(ListenerServer(config, listener.label))
+    return servers
+
+
+async def serve_all(servers: Sequence[ListenerServer], listeners: Sequence[Listener]) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = False
+
+    def on_signal(signum: int) -> None:
+        nonlocal stopping
+        name = signal.Signals(signum).name
+        if stopping:
+            log.warning("%s again: not waiting for in-flight requests", name)
+            for server in servers:
+                server.force_exit = True
+            return
+        stopping = True
+        log.info("%s: no new connections; finishing in-flight requests", name)
+        for server in servers:
+            server.should_exit = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await asyncio.gather(
+            *(
+                server.serve(sockets=[listener.sock])
+                for server, listener in zip(servers, listeners, strict=True)
+            )
+        )
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging()
+    settings = settings_from(args)
+    try:
+        prepare_dirs(settings)
+        listeners = open_listeners(args)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    # connexion imports starlette's TestClient at import time, which warns about httpx on
+    # every start; a test helper's deprecation is noise in a daemon's log.
+    warnings.filterwarnings("ignore", message=".*starlette.testclient.*")
+    try:
+        from imageapi.app import create_app  # late: keeps `--help` fast and import-light
+
+        app = create_app(settings)
+        servers = make_servers(app, listeners)
+        asyncio.run(serve_all(servers, listeners))
+    except (OSError, ssl.SSLError) as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
+    finally:
+        close_all(listeners)
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

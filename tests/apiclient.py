@@ -1,0 +1,95 @@
+"""An HTTP client for tests that checks every response against swagger.yaml.
+
+Each answer must be declared for its operation and status, its body must validate against
+the declared schema, and every error must be `{"code": <status>, "message": <text>}`.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import yaml
+
+SPEC_PATH = Path(__file__).resolve().parent.parent / "swagger.yaml"
+BASE = "/imageapi/v1"
+
+
+@cache
+def spec() -> dict[str, Any]:
+    return yaml.safe_load(SPEC_PATH.read_text())
+
+
+@cache
+def _routes() -> list[tuple[re.Pattern[str], str]]:
+    routes = []
+    for template in spec()["paths"]:
+        pattern = re.sub(r"\{[^}]+\}", r"[^/]+", template)
+        routes.append((re.compile(pattern + "$"), template))
+    # Literal segments beat parameters (/container/byname/x before /container/{id}/{state}).
+    routes.sort(key=lambda r: r[1].count("{"))
+    return routes
+
+
+def response_schema(method: str, path: str, status: int) -> dict[str, Any] | None:
+    """The schema the spec declares for this answer; raises if the answer is undeclared."""
+    for pattern, template in _routes():
+        if pattern.match(path):
+            op = spec()["paths"][template].get(method.lower())
+            break
+    else:
+        return None  # unknown route: only the error shape is checked
+    if op is None:
+        return None
+    responses = op["responses"]
+    declared = responses.get(str(status)) or responses.get(status) or responses.get("default")
+    assert declared is not None, f"{method} {path} answered {status}, which the spec does not declare"
+    return declared.get("schema")
+
+
+def check_response(method: str, path: str, response: httpx.Response) -> None:
+    status = response.status_code
+    body = response.json() if response.content else None
+    if status >= 400:
+        assert isinstance(body, dict), f"error body is not an object: {response.text!r}"
+        assert body.get("code") == status, f"error code {body.get('code')} != status {status}"
+        assert isinstance(body.get("message"), str) and body["message"], body
+    schema = response_schema(method, path, status)
+    if schema is not None:
+        full = dict(schema)
+        full["definitions"] = spec()["definitions"]
+        jsonschema.Draft4Validator(full).validate(body)
+
+
+class Api:
+    def __init__(self, base_url: str, transport: httpx.BaseTransport | None = None,
+                 **client_args: Any) -> None:
+        self.http = httpx.Client(
+            base_url=base_url + BASE, timeout=60, transport=transport, **client_args
+        )
+
+    def request(self, method: str, path: str, expect: int | None = None,
+                **kwargs: Any) -> httpx.Response:
+        response = self.http.request(method, path, **kwargs)
+        check_response(method, path, response)
+        if expect is not None:
+            assert response.status_code == expect, (
+                f"{method} {path}: expected {expect}, got {response.status_code}: {response.text}"
+            )
+        return response
+
+    def get(self, path: str, expect: int | None = 200, **kw: Any) -> Any:
+        return self.request("GET", path, expect, **kw).json()
+
+    def post(self, path: str, body: Any, expect: int | None = 201, **kw: Any) -> Any:
+        return self.request("POST", path, expect, json=body, **kw).json()
+
+    def delete(self, path: str, expect: int | None = 200, **kw: Any) -> Any:
+        return self.request("DELETE", path, expect, **kw).json()
+
+    def close(self) -> None:
+        self.http.close()

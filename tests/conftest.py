@@ -1,0 +1,240 @@
+"""Fixtures: a real squashfs image, a krbd simulator, a real imageapi-server process.
+
+Privileged tests need root, /dev/fuse and loop devices. Outside CI they skip without them;
+with CI=true every skip is turned into a failure, so CI can never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import hostview
+from tests.apiclient import Api
+from tests.krbdsim.harness import add_image, make_cluster, running_simulator
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI") == "true"
+
+
+# -- skips are failures in CI ------------------------------------------------------------------
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, which is a failure here: {report.longrepr}"
+
+
+def need_privileges() -> None:
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root")
+    if not os.path.exists("/dev/fuse"):
+        missing.append("/dev/fuse")
+    if not os.path.exists("/dev/loop-control"):
+        missing.append("/dev/loop-control")
+    for tool in ("mksquashfs", "losetup"):
+        if shutil.which(tool) is None:
+            missing.append(tool)
+    if missing:
+        pytest.skip("needs " + ", ".join(missing))
+
+
+# -- images and the simulated cluster ----------------------------------------------------------
+
+
+def build_squashfs(tree: Path, out: Path) -> Path:
+    subprocess.run(
+        ["mksquashfs", str(tree), str(out), "-noappend", "-quiet", "-all-root"],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny system-image tree: enough to recognise it, and busybox for later containers."""
+    need_privileges()
+    root = tmp_path_factory.mktemp("image") / "root"
+    for d in ("bin", "etc", "dev", "proc", "sys", "tmp", "run", "var", "usr/bin", "sbin"):
+        (root / d).mkdir(parents=True)
+    (root / "etc/os-release").write_text('NAME="imageapi test image"\nID=imageapi-test\n')
+    (root / "etc/hostname").write_text("testimage\n")
+    busybox = shutil.which("busybox")
+    if busybox:
+        shutil.copy2(busybox, root / "bin/busybox")
+        (root / "bin/sh").symlink_to("busybox")
+    return root
+
+
+@pytest.fixture(scope="session")
+def squashfs_image(image_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_squashfs(image_tree, tmp_path_factory.mktemp("sqsh") / "systemd.sqsh")
+
+
+@pytest.fixture(scope="session")
+def cluster(squashfs_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    info = make_cluster(tmp_path_factory.mktemp("cluster"), pools={"rbd": 1, "images": 7})
+    add_image(info, "rbd", "systemd.sqsh", squashfs_image)
+    add_image(info, "rbd", "systemd.sqsh", squashfs_image, snap="v1")
+    add_image(info, "images", "base", squashfs_image)
+    add_image(info, "images", "base", squashfs_image, namespace="team1")
+    return info
+
+
+@pytest.fixture(scope="module")
+def sim(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with running_simulator(tmp_path_factory.mktemp("krbd"), cluster) as simulator:
+        yield simulator
+        assert simulator.mapped() == [], "rbd devices still mapped when the module ended"
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    url: str
+    run_dir: Path
+    log: Path
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
+    port = free_port()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}-server.log"
+    cmd = [
+        sys.executable, "-m", "imageapi", "--scheme", "http", "--host", "127.0.0.1",
+        "--port", str(port), "--run-dir", str(run_dir), *extra,
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "IMAGEAPI_LOGLEVEL": "DEBUG", **(env or {})},
+        )
+    server = Server(proc, f"http://127.0.0.1:{port}", run_dir, log)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return server
+        except OSError:
+            time.sleep(0.05)
+    server.stop()
+    raise RuntimeError(f"server did not listen within 30 s:\n{server.log_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(sim: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    run_dir = tmp_path_factory.mktemp("imageapi") / "run"
+    srv = start_server(
+        run_dir, "--rbd-sysfs", str(sim.sysfs), "--dev-dir", str(sim.devdir),
+        "--device-timeout", "5",
+    )
+    yield srv
+    code = srv.stop()
+    assert code == 0, f"server exited with {code}:\n{srv.log_text()}"
+    assert hostview.tree(run_dir / "mounts") == set(), "mount dir not empty at the end"
+
+
+@pytest.fixture(scope="module")
+def api(server: Server) -> Iterator[Api]:
+    client = Api(server.url)
+    yield client
+    client.close()
+
+
+# -- leak checks -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class World:
+    """Everything a request could change: the registry, the kernel, the simulator, the run dir."""
+
+    objects: tuple[Any, ...]
+    host: hostview.Snapshot
+    mapped: tuple[str, ...]
+    run_files: frozenset[str]
+
+
+class Stack:
+    def __init__(self, api: Api, sim: Any, server: Server, cluster: Any, scope: Path) -> None:
+        self.api, self.sim, self.server, self.cluster = api, sim, server, cluster
+        self.scope = scope
+
+    def world(self) -> World:
+        objects = (
+            self.api.get("/attach/rbd"),
+            self.api.get("/mount"),
+        )
+        return World(
+            objects=tuple(repr(o) for o in objects),
+            host=hostview.Snapshot.take(self.scope),
+            mapped=tuple(self.sim.mapped()),
+            run_files=frozenset(hostview.tree(self.server.run_dir / "mounts")),
+        )
+
+    def rbd_spec(self, image: str = "systemd.sqsh", pool: str = "rbd", **options: Any) -> dict:
+        return {
+            "monitors": list(self.cluster.monitors),
+            "pool": pool,
+            "image": image,
+            "options": {"ro": True, "name": self.cluster.key_name,
+                        "secret": self.cluster.secret, **options},
+        }
+
+
+@pytest.fixture
+def stack(
+    api: Api, sim: Any, server: Server, cluster: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The running stack; fails the test if it leaves anything behind."""
+    s = Stack(api, sim, server, cluster, tmp_path_factory.getbasetemp())
+    before = s.world()
+    yield s
+    after = s.world()
+    problems = before.host.diff(after.host)
+    if after.objects != before.objects:
+        problems.append(f"objects left in the registry: {after.objects} (before: {before.objects})")
+    if after.mapped != before.mapped:
+        problems.append(f"rbd devices left mapped: {after.mapped} (before: {before.mapped})")
+    if after.run_files != before.run_files:
+        problems.append(f"run dir changed: {sorted(after.run_files ^ before.run_files)}")
+    assert not problems, "\n".join(problems)

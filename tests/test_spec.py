@@ -1,0 +1,207 @@
+"""swagger.yaml against the contract of ../shared/api-v1-facts.md (attach and mounts part)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from openapi_spec_validator import validate
+
+from imageapi.app import load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+SPEC_FILE = REPO / "swagger.yaml"
+
+# (method, path, operationId), in the facts sheet's order.
+OPERATIONS = [
+    ("get", "/attach/rbd", "list_rbds"),
+    ("post", "/attach/rbd", "map_rbd"),
+    ("get", "/attach/rbd/{id}", "get_rbd"),
+    ("delete", "/attach/rbd/{id}", "unmap_rbd"),
+    ("get", "/mount", "list_mounts"),
+    ("post", "/mount", "mount"),
+    ("delete", "/mount", "unmount"),
+    ("get", "/mount/rbd", "list_mounts_rbd"),
+    ("post", "/mount/rbd", "mount_rbd"),
+    ("get", "/mount/rbd/{id}", "get_mount_rbd"),
+    ("delete", "/mount/rbd/{id}", "unmount_rbd"),
+    ("get", "/mount/overlay", "list_mounts_overlay"),
+    ("post", "/mount/overlay", "mount_overlay"),
+    ("get", "/mount/overlay/{id}", "get_mount_overlay"),
+    ("delete", "/mount/overlay/{id}", "unmount_overlay"),
+]
+DEFINITIONS = {"id", "name", "rbd_options", "rbd", "mount_rbd", "mount_overlay", "mount", "error"}
+SERVER_SET = {"id", "device_id", "device_file", "refs", "mountpoint", "upperdir", "workdir"}
+
+RBD_OPTIONS = {
+    **dict.fromkeys(["fsid", "ip", "name", "secret", "namespace"], ("string", None)),
+    **dict.fromkeys(
+        [
+            "share", "noshare", "crc", "nocrc", "ceph_requires_signatures",
+            "noceph_requires_signatures", "tcp_nodelay", "notcp_nodelay", "cephx_sign_messages",
+            "nocephx_sign_messages", "force", "rw", "ro", "lock_on_read", "exclusive", "notrim",
+            "abort_on_full",
+        ],
+        ("boolean", None),
+    ),
+    **dict.fromkeys(
+        ["mount_timeout", "osdkeepalive", "osd_idle_ttl", "queue_depth", "alloc_size"],
+        ("integer", "int32"),
+    ),
+    "lock_timeout": ("integer", "int64"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict[str, Any]:
+    return yaml.safe_load(SPEC_FILE.read_text())
+
+
+def methods(spec: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            if method != "parameters":
+                yield method, path, op
+
+
+def schemas(node: Any, where: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every schema object below `node` (definitions, properties, items), with its location."""
+    if isinstance(node, dict):
+        if "type" in node or "properties" in node:
+            yield where, node
+        for key, value in node.items():
+            yield from schemas(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from schemas(value, f"{where}/{i}")
+
+
+def test_spec_is_valid_swagger_2(spec: dict[str, Any]) -> None:
+    validate(spec)
+    assert spec["swagger"] == "2.0"
+    assert spec["info"]["title"] == "Image API"
+    assert spec["basePath"] == "/imageapi/v1"
+    assert spec["consumes"] == ["application/json"]
+    assert spec["produces"] == ["application/json"]
+    assert {t["name"] for t in spec["tags"]} == {"attach", "mounts"}
+
+
+def test_package_ships_the_same_spec(spec: dict[str, Any]) -> None:
+    link = REPO / "imageapi" / "swagger.yaml"
+    assert link.is_symlink() and not Path(link.readlink()).is_absolute()
+    assert load_spec() == spec
+
+
+def test_every_operation_of_the_contract(spec: dict[str, Any]) -> None:
+    found = [(m, p, op["operationId"]) for m, p, op in methods(spec)]
+    assert sorted(found) == sorted(OPERATIONS)
+    for method, path, op in methods(spec):
+        assert op["tags"] == (["attach"] if path.startswith("/attach") else ["mounts"])
+        assert op.get("summary") or op.get("description"), f"{method} {path}: undocumented"
+
+
+def test_no_container_api_yet(spec: dict[str, Any]) -> None:
+    assert not [p for p in spec["paths"] if p.startswith("/container")]
+    assert not [d for d in spec["definitions"] if d.startswith("container")]
+
+
+def test_definitions(spec: dict[str, Any]) -> None:
+    assert set(spec["definitions"]) == DEFINITIONS
+    ident = spec["definitions"]["id"]
+    assert (ident["type"], ident["format"], ident["minimum"]) == ("integer", "int64", 0)
+    error = spec["definitions"]["error"]
+    assert set(error["required"]) == {"code", "message"}
+    assert error["properties"]["code"]["format"] == "int32"
+
+
+def test_every_object_is_strict_and_documented(spec: dict[str, Any]) -> None:
+    for where, schema in schemas(spec["definitions"], "#/definitions"):
+        if schema.get("type") == "object" or "properties" in schema:
+            assert schema.get("additionalProperties") is False, f"{where} is not strict"
+            for name, prop in schema["properties"].items():
+                assert "$ref" in prop or prop.get("description"), f"{where}.{name}: no description"
+
+
+def test_server_set_fields_are_read_only_and_never_required(spec: dict[str, Any]) -> None:
+    for name, definition in spec["definitions"].items():
+        props = definition.get("properties", {})
+        for field in SERVER_SET & set(props):
+            if name == "rbd_options":
+                continue
+            assert props[field].get("readOnly") is True, f"{name}.{field} is not readOnly"
+        required = set(definition.get("required", []))
+        read_only = {f for f, p in props.items() if p.get("readOnly")}
+        assert not required & read_only, f"{name}: required readOnly fields {required & read_only}"
+
+
+def test_rbd_options_fields_and_types(spec: dict[str, Any]) -> None:
+    props = spec["definitions"]["rbd_options"]["properties"]
+    assert {k: (v["type"], v.get("format") if v["type"] == "integer" else None)
+            for k, v in props.items()} == RBD_OPTIONS  # fmt: skip
+    assert props["ip"]["format"] == "ipv4"
+    assert "write-only" in props["secret"]["description"].lower()
+
+
+def test_object_shapes(spec: dict[str, Any]) -> None:
+    d = spec["definitions"]
+    rbd = d["rbd"]
+    assert set(rbd["required"]) == {"monitors", "pool", "image"}
+    assert rbd["properties"]["monitors"]["minItems"] == 1
+    assert rbd["properties"]["monitors"]["items"]["format"] == "ipv4"
+    assert rbd["properties"]["options"] == {"$ref": "#/definitions/rbd_options"}
+    mount_rbd = d["mount_rbd"]
+    assert mount_rbd["required"] == ["fs_type"]
+    assert mount_rbd["properties"]["rbd_id"] == {"$ref": "#/definitions/id"}
+    assert mount_rbd["properties"]["rbd"] == {"$ref": "#/definitions/rbd"}
+    overlay = d["mount_overlay"]
+    assert overlay["required"] == ["lower"]
+    assert overlay["properties"]["lower"]["minItems"] == 1
+    assert overlay["properties"]["lower"]["items"] == {"$ref": "#/definitions/mount"}
+    mount = d["mount"]
+    assert mount["required"] == ["kind"]
+    assert mount["properties"]["kind"]["enum"] == ["rbd", "overlay"]
+    assert mount["properties"]["mount_id"] == {"$ref": "#/definitions/id"}
+
+
+@pytest.mark.parametrize("name", ["pool", "image", "snapshot"])
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [("rbd", True), ("systemd.sqsh", True), ("a b", False), ("a,b", False), ("a=b", False),
+     ("a/b", False), ("a@b", False), ("a\nb", False), ("", False)],
+)  # fmt: skip
+def test_rbd_names_cannot_inject_into_the_map_request(
+    spec: dict[str, Any], name: str, value: str, ok: bool
+) -> None:
+    import jsonschema
+
+    body = {"monitors": ["10.0.0.1"], "pool": "p", "image": "i", name: value}
+    schema = {**spec["definitions"]["rbd"], "definitions": spec["definitions"]}
+    errors = list(jsonschema.Draft4Validator(schema).iter_errors(body))
+    assert (not errors) == ok, errors
+
+
+def test_parameters_and_responses(spec: dict[str, Any]) -> None:
+    assert spec["parameters"]["id"]["in"] == "path"
+    for path, item in spec["paths"].items():
+        if "{id}" in path:
+            assert item["parameters"] == [{"$ref": "#/parameters/id"}]
+    for method, path, op in methods(spec):
+        params = op.get("parameters", [])
+        for param in params:
+            assert param["in"] == "body" and param["name"] == "body" and param["required"]
+        responses = op["responses"]
+        assert "default" in responses
+        success = {"get": "200", "delete": "200", "post": "201"}[method]
+        assert success in responses, f"{method} {path}"
+        ok_schema = responses[success]["schema"]
+        if method == "get" and "{id}" not in path:
+            assert ok_schema["type"] == "array"
+        else:
+            assert "$ref" in ok_schema
+        if "{id}" in path:
+            assert "404" in responses
+        if method in ("post", "delete"):
+            assert "400" in responses and "500" in responses
