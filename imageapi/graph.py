@@ -54,6 +54,7 @@ class Registry:
         return sorted(k for c, k in self._drivers if c == collection)
 
     def create(self, collection: str, kind: str, spec: Spec) -> dict[str, Any]:
+        self._check(collection, kind, spec)
         node = self._create(collection, kind, spec, owned=False)
         with self._lock:
             return self._render(node)
@@ -110,6 +111,13 @@ class Registry:
             kinds = ", ".join(self.kinds(collection))
             raise BadRequest(f"unknown {collection} kind {kind!r} (known: {kinds})") from None
 
+    def _check(self, collection: str, kind: str, spec: Spec) -> None:
+        """Check a whole nested request before building any of it (drivers' checks are pure)."""
+        driver = self._driver(collection, kind)
+        for need in driver.needs(driver.normalize(spec)):
+            if need.ref is None and need.spec is not None:
+                self._check(need.collection, need.kind, need.spec)
+
     def _create(self, collection: str, kind: str, spec: Spec, owned: bool) -> Node:
         driver = self._driver(collection, kind)
         spec = driver.normalize(spec)
@@ -162,7 +170,7 @@ class Registry:
 
     def _acquire(self, need: Need) -> Node:
         """Take a reference on an existing object for a new user."""
-        want = self._drivers[(need.collection, need.kind)].noun
+        want = self._driver(need.collection, need.kind).noun
         with self._lock:
             node = self._nodes.get(need.ref or 0)
             if node is None or node.collection != need.collection:
@@ -243,7 +251,7 @@ class Registry:
             or (kind is not None and node.kind != kind)
             or node.status != "ready"
         ):
-            noun = self._drivers[(collection, kind)].noun if kind else collection
+            noun = self._driver(collection, kind).noun if kind else collection
             raise NotFound(f"no {noun} with id {node_id}")
         return node
 

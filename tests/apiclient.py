@@ -47,7 +47,9 @@ def response_schema(method: str, path: str, status: int) -> dict[str, Any] | Non
         return None
     responses = op["responses"]
     declared = responses.get(str(status)) or responses.get(status) or responses.get("default")
-    assert declared is not None, f"{method} {path} answered {status}, which the spec does not declare"
+    assert declared is not None, f"{method} {path}: status {status} is not in the spec"
+    if "$ref" in declared:  # a shared entry under the spec's top-level `responses`
+        declared = spec()["responses"][declared["$ref"].rsplit("/", 1)[1]]
     return declared.get("schema")
 
 

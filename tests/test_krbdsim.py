@@ -10,11 +10,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from tests.krbdsim.harness import (
     make_secret,
     running_simulator,
 )
+from tests.krbdsim.mounts import is_mounted
 
 CEPH_NOSNAP = str(2**64 - 2)
 
@@ -559,6 +562,20 @@ def test_force_word_is_cut_at_five_characters(sim: RunningSimulator, cluster: Cl
     assert sim.mapped() == []
 
 
+def test_concurrent_adds_and_removes(sim: RunningSimulator, cluster: ClusterInfo) -> None:
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda _: sim.write("add_single_major", add_cmd(cluster)), range(6)))
+    ids = [str(i) for i in range(6)]
+    assert sim.mapped() == ids
+    assert len({loop_of(sim, i) for i in ids}) == 6
+    # rbd_get_client() runs under client_mutex: identical concurrent maps share one client.
+    assert len({sim.read(f"devices/{i}/client_id") for i in ids}) == 1
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda i: sim.write("remove_single_major", i), ids))
+    assert sim.mapped() == []
+    assert os.listdir(sim.devdir) == []
+
+
 # --------------------------------------------------------------------------- shutdown
 
 
@@ -570,6 +587,30 @@ def test_shutdown_reports_and_detaches_leaked_mappings(
         loop = loop_of(sim, "0")
     assert "still mapped at shutdown: 0 (rbd/img@-" in sim.stderr()
     assert not loop_attached(loop)
+    assert not (sim.devdir / "rbd0").exists()
+
+
+def test_sigint_stops_it_cleanly(no_leaks: None, tmp_path: Path, cluster: ClusterInfo) -> None:
+    with running_simulator(tmp_path, cluster) as sim:
+        sim.write("add_single_major", add_cmd(cluster))
+        sim.process.send_signal(signal.SIGINT)
+        assert sim.process.wait(20) == 0
+        assert not is_mounted(sim.sysfs)
+    assert "still mapped at shutdown: 0" in sim.stderr()
+
+
+def test_harness_cleans_up_after_a_crash(
+    no_leaks: None, tmp_path: Path, cluster: ClusterInfo
+) -> None:
+    with (
+        pytest.raises(RuntimeError, match="left attached") as failure,
+        running_simulator(tmp_path, cluster) as sim,
+    ):
+        sim.write("add_single_major", add_cmd(cluster))
+        sim.process.kill()
+        sim.process.wait()
+    assert "still mounted" in str(failure.value)
+    assert not is_mounted(sim.sysfs)
     assert not (sim.devdir / "rbd0").exists()
 
 

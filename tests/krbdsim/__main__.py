@@ -36,13 +36,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cluster {args.cluster}: no cluster.json")
 
     sysfs = args.sysfs.resolve()
-    sim = Simulator(args.cluster.resolve(), args.devdir.resolve(), args.single_major, sysfs)
+    sim = Simulator(args.cluster.resolve(), args.devdir.resolve(), args.single_major)
+    status = 0
     try:
         serve(sim, str(sysfs))
+    except RuntimeError as exc:
+        print(f"krbdsim: libfuse failed (fuse_main status {exc})", file=sys.stderr, flush=True)
+        status = 1
     finally:
         # Runs after libfuse has unmounted (or failed to mount): never leave loops behind.
         sim.shutdown()
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .kparse import PAGE_SIZE, KernelError
 from .mounts import is_mounted
 from .sim import Simulator
 
-# Bus attributes (rbd_bus_attrs): name -> mode.
+# Bus attributes (rbd_bus_attrs): the write-only ones (0200); supported_features is 0444.
 BUS_WRITE_ONLY = ("add", "remove", "add_single_major", "remove_single_major")
 SINGLE_MAJOR_ONLY = ("add_single_major", "remove_single_major")
 SUPPORTED_FEATURES = f"0x{RBD_FEATURES_SUPPORTED:x}\n".encode()

@@ -1,11 +1,13 @@
 """Helpers for tests: build a simulated cluster and run the simulator as a subprocess.
 
-info = make_cluster(tmp_path / "cluster")
-add_image(info, "rbd", "img", b"...")
-with running_simulator(tmp_path, info) as sim:
-    sim.write("add_single_major", info.add_command("rbd", "img"))
-    assert sim.mapped() == ["0"]
-    sim.write("remove_single_major", "0")
+Typical use::
+
+    info = make_cluster(tmp_path / "cluster")
+    add_image(info, "rbd", "img", b"...")
+    with running_simulator(tmp_path, info) as sim:
+        sim.write("add_single_major", info.add_command("rbd", "img"))
+        assert sim.mapped() == ["0"]
+        sim.write("remove_single_major", "0")
 """
 
 from __future__ import annotations
@@ -242,6 +244,9 @@ def _stop(sim: RunningSimulator) -> None:
     for device, backing in loops_backed_by(sim.cluster.path).items():
         sim.problems.append(f"{device} (over {backing}) left attached")
         subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+    for node in sim.devdir.glob("rbd*"):
+        sim.problems.append(f"{node} left behind")
+        node.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import errno
 import ipaddress
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 PAGE_SIZE = 4096
 RBD_SNAP_HEAD_NAME = "-"
@@ -435,7 +435,6 @@ class AddRequest:
     pool_ns: str | None
     # rbd_dev->config_info: the written buffer up to its NUL, as is.
     config_info: str
-    options: list[str] = field(default_factory=list)
 
     @property
     def is_snap(self) -> bool:
@@ -619,7 +618,6 @@ def parse_add(buf: str, keyring: KeyringLookup = lambda _desc: None) -> AddReque
         if eq and not key:
             continue
         val = value if eq else None
-        req.options.append(item)
         parsed = fs_parse(CEPH_PARAMETERS, key, val)
         if parsed is not None:
             _apply_ceph(req.ceph, parsed, keyring)

@@ -8,6 +8,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+from .mounts import mount_points
+
 LOSETUP = "losetup"
 
 
@@ -52,8 +54,11 @@ def _claimed_exclusively(device: str) -> bool:
     return False
 
 
-def _open_by_a_process(rdev: int, skip_prefix: str) -> bool:
+def _open_by_a_process(rdev: int) -> bool:
     """Does any process have an fd on a block device numbered `rdev` (through any node)?"""
+    # Never stat through a FUSE mount: it may be ours (we would be asking ourselves) or another
+    # simulator's; device nodes do not live there anyway.
+    fuse_prefixes = tuple(p.rstrip("/") + "/" for p in mount_points("fuse"))
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -67,7 +72,7 @@ def _open_by_a_process(rdev: int, skip_prefix: str) -> bool:
             try:
                 target = os.readlink(link)
                 # Only real paths can be block devices; never stat our own FUSE files.
-                if not target.startswith("/") or target.startswith(skip_prefix):
+                if not target.startswith("/") or target.startswith(fuse_prefixes):
                     continue
                 st = os.stat(link)
             except OSError:
@@ -77,7 +82,7 @@ def _open_by_a_process(rdev: int, skip_prefix: str) -> bool:
     return False
 
 
-def in_use(device: str, rdev: int, skip_prefix: str) -> bool:
+def in_use(device: str, rdev: int) -> bool:
     """rbd's open_count > 0: the kernel counts every open of the disk, so both an exclusive
     claim (mount) and any plain open fd count."""
-    return _claimed_exclusively(device) or _open_by_a_process(rdev, skip_prefix)
+    return _claimed_exclusively(device) or _open_by_a_process(rdev)

@@ -96,16 +96,15 @@ class Simulator:
         cluster_dir: Path,
         devdir: Path,
         single_major: bool = True,
-        sysfs: Path | None = None,
         log: TextIO = sys.stderr,
     ) -> None:
         self.cluster_dir = cluster_dir
         self.devdir = devdir
         self.single_major = single_major
-        # Our own mount point: never stat files under it while scanning for open fds.
-        self.sysfs = str(sysfs) if sysfs is not None else None
         self.log = log
         self._lock = threading.Lock()
+        # rbd's client_mutex: find-or-create of a client is serialized, session setup included.
+        self._client_mutex = threading.Lock()
         self._devices: dict[int, Device] = {}
         self._reserved: set[int] = set()
         self._clients: list[Client] = []
@@ -174,31 +173,32 @@ class Simulator:
     def _get_client(self, opts: CephOptions, cluster: Cluster) -> Client:
         """rbd_get_client(): reuse a matching client unless noshare, else open a session."""
         key = opts.share_key()
-        with self._lock:
-            if not opts.noshare:
-                for client in self._clients:
-                    # ceph_compare_options(): same options and any of our monitors in its monmap.
-                    if client.share_key == key and any(
-                        cluster.monmap_contains(a) for a in opts.mon_addrs
-                    ):
-                        client.refs += 1
-                        return client
-        self._connect(opts, cluster)
-        with self._lock:
-            gid = self._next_gid
-            self._next_gid += 1
-            my_ip = opts.my_addr.ip if opts.my_addr is not None else None
-            addr = str(EntityAddr(my_ip, 0)) if my_ip is not None else "192.0.2.100:0"
-            client = Client(
-                gid=gid,
-                share_key=key,
-                noshare=opts.noshare,
-                addr=f"{addr}/{random.getrandbits(32)}",
-                fsid=str(cluster.fsid),
-                refs=1,
-            )
-            self._clients.append(client)
-            return client
+        with self._client_mutex:
+            with self._lock:
+                if not opts.noshare:
+                    for client in self._clients:
+                        # ceph_compare_options(): same options, one of our monitors in its map.
+                        if client.share_key == key and any(
+                            cluster.monmap_contains(a) for a in opts.mon_addrs
+                        ):
+                            client.refs += 1
+                            return client
+            self._connect(opts, cluster)
+            with self._lock:
+                gid = self._next_gid
+                self._next_gid += 1
+                my_ip = opts.my_addr.ip if opts.my_addr is not None else None
+                addr = str(EntityAddr(my_ip, 0)) if my_ip is not None else "192.0.2.100:0"
+                client = Client(
+                    gid=gid,
+                    share_key=key,
+                    noshare=opts.noshare,
+                    addr=f"{addr}/{random.getrandbits(32)}",
+                    fsid=str(cluster.fsid),
+                    refs=1,
+                )
+                self._clients.append(client)
+                return client
 
     def _put_client(self, client: Client) -> None:
         with self._lock:
@@ -297,8 +297,7 @@ class Simulator:
         self._say(f"rbd{dev_id}: removed{' (forced)' if force else ''}")
 
     def _in_use(self, dev: Device) -> bool:
-        skip = (self.sysfs.rstrip("/") + "/") if self.sysfs else "\0"
-        return loopdev.in_use(dev.loop, dev.rdev, skip)
+        return loopdev.in_use(dev.loop, dev.rdev)
 
     def _teardown(self, dev: Device) -> None:
         try:
