@@ -111,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="seconds to wait for /dev/rbdN after a map (default 10)",
     )
+    box = p.add_argument_group("containers")
+    box.add_argument(
+        "--stop-timeout",
+        type=float,
+        help="seconds between a container's stop signal and SIGKILL (default 10)",
+    )
+    box.add_argument(
+        "--cgroup-root",
+        type=Path,
+        help="cgroup2 directory for the containers' cgroups (default: OUR_CGROUP/imageapi)",
+    )
     return p
 
 
@@ -124,14 +135,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}: not a port number")
     if "https" in args.scheme and not (args.tls_certificate and args.tls_key):
         parser.error("--scheme https needs --tls-certificate and --tls-key")
-    if args.device_timeout is not None and args.device_timeout <= 0:
-        parser.error("--device-timeout: must be positive")
+    for name in ("device_timeout", "stop_timeout"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')}: must be positive")
     return args
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     given: dict[str, Any] = {"run_dir": args.run_dir}
-    for name in ("mount_dir", "log_dir", "rbd_sysfs", "dev_dir", "device_timeout"):
+    for name in ("mount_dir", "log_dir", "rbd_sysfs", "dev_dir", "device_timeout", "stop_timeout",
+                 "cgroup_root"):
         value = getattr(args, name)
         if value is not None:
             given[name] = value
@@ -346,10 +360,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # connexion imports starlette's TestClient at import time, which warns about httpx on
     # every start; a test helper's deprecation is noise in a daemon's log.
     warnings.filterwarnings("ignore", message=".*starlette.testclient.*")
+    service = None
     try:
-        from imageapi.app import create_app  # late: keeps `--help` fast and import-light
+        # Late imports keep `--help` fast and import-light.
+        from imageapi.app import create_app
+        from imageapi.service import Service
 
-        app = create_app(settings)
+        service = Service(settings)
+        app = create_app(settings, service)
         servers = make_servers(app, listeners)
         asyncio.run(serve_all(servers, listeners))
     except (OSError, ssl.SSLError) as exc:
@@ -357,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         close_all(listeners)
+        if service is not None:
+            service.close()
     log.info("stopped")
     return 0
 

@@ -22,6 +22,11 @@ class Settings:
     dev_dir: Path = Path("/dev")
     # How long to wait for udev (or the simulator) to create /dev/rbdN after a map.
     device_timeout: float = 10.0
+    # How long a stopping container gets between its stop signal and SIGKILL.
+    stop_timeout: float = 10.0
+    # cgroup2 directory holding one cgroup per running container; None: our own cgroup's
+    # "imageapi" child.
+    cgroup_root: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

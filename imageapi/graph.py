@@ -42,6 +42,8 @@ Listener = Callable[[str, Node], None]
 class Registry:
     def __init__(self, drivers: Iterable[Driver]) -> None:
         self._drivers = {(d.collection, d.kind): d for d in drivers}
+        for driver in self._drivers.values():
+            driver.on_change = self._changed
         self._lock = threading.Lock()
         self._nodes: dict[int, Node] = {}
         self._claims: dict[Hashable, int] = {}  # claim -> holder id (0 while building)
@@ -90,8 +92,28 @@ class Registry:
             node.refs, node.api_held, node.status = 0, False, "destroying"
             self._commit("release", node)
         self._teardown(node, restore=True)
-        view["refs"] = 0
+        if "refs" in view:
+            view["refs"] = 0
         return view
+
+    def find_name(self, collection: str, kind: str, name: str) -> int:
+        """The id of the object of that kind holding `name` (containers have names)."""
+        driver = self._driver(collection, kind)
+        with self._lock:
+            holder = self._claims.get(driver.name_claim(name))
+            node = self._nodes.get(holder or 0)
+            if node is None or node.status != "ready":
+                raise NotFound(f"no {driver.noun} named {name!r}")
+            return node.id
+
+    def change(self, collection: str, kind: str, node_id: int, target: str) -> dict[str, Any]:
+        """Ask an object to move to another state (start or stop a container)."""
+        with self._lock:
+            node = self._lookup(collection, kind, node_id)
+        driver = self._drivers[(collection, kind)]
+        driver.change(node, target)  # kernel and process work: outside the lock
+        with self._lock:
+            return self._render(node)
 
     def kind_of(self, node_id: int, collection: str = "mount") -> str | None:
         with self._lock:
@@ -135,9 +157,14 @@ class Registry:
             if claim is not None:
                 self._take_claim(claim, driver)
             driver.check_available(spec)
+            with self._lock:
+                # Reserved before building so the driver can name things after it (log files);
+                # a failed build burns its id, which is fine: ids are never reused anyway.
+                node_id = self._next_id
+                self._next_id += 1
             node = Node(
-                id=0, collection=collection, kind=kind, spec=spec, needs=resolved, state={},
-                api_held=not owned, claim=claim,
+                id=node_id, collection=collection, kind=kind, spec=spec, needs=resolved,
+                state={}, api_held=not owned, claim=claim,
             )
             node.state = driver.build(node)
         except BaseException:
@@ -147,8 +174,6 @@ class Registry:
             self._release_all(resolved)
             raise
         with self._lock:
-            node.id = self._next_id
-            self._next_id += 1
             if claim is not None:
                 self._claims[claim] = node.id
             for need, child in resolved:
@@ -267,8 +292,15 @@ class Registry:
     def _render(self, node: Node) -> dict[str, Any]:
         driver = self._drivers[(node.collection, node.kind)]
         view = driver.render(node, self._render)
-        view["refs"] = node.refs
+        if driver.shows_refs:
+            view["refs"] = node.refs
         return view
+
+    def _changed(self, node: Node, event: str) -> None:
+        """A driver's report that a live object changed on its own (a container exited)."""
+        with self._lock:
+            if self._nodes.get(node.id) is node:
+                self._commit(event, node)
 
     def _render_as(self, node: Node, generic: bool) -> dict[str, Any]:
         view = self._render(node)

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from connexion.middleware import MiddlewarePosition
 
+from imageapi.api.handlers import Handlers
 from imageapi.api.legacy import LegacyShim
 from imageapi.app import create_app
 from imageapi.config import Settings
@@ -26,6 +27,7 @@ from imageapi.errors import BadRequest, Conflict, NotFound, SystemFault
 BASE = "http://imageapi.test/imageapi/v1"
 SECRET = "AQBaVtRgAAAAABAA7d2vKtXqRk+Cb9Vmq/lmqQ=="
 RBD = {"monitors": ["10.0.0.1"], "pool": "rbd", "image": "img"}
+CONTAINER = {"mount": {"kind": "overlay", "mount_id": 2}, "command": "/bin/sh -c 'sleep 9'"}
 
 
 class FakeHandlers:
@@ -43,7 +45,8 @@ class FakeHandlers:
             self.calls.append((op, kwargs))
             if op in self.behaviour:
                 return self.behaviour[op](**kwargs)
-            status = 201 if op in ("map_rbd", "mount", "mount_rbd", "mount_overlay") else 200
+            creates = ("map_rbd", "mount", "mount_rbd", "mount_overlay", "create_container")
+            status = 201 if op in creates else 200
             return {"op": op, **kwargs}, status
 
         return handler
@@ -119,7 +122,10 @@ def test_success_statuses_and_parameters() -> None:
     [("/attach/rbd", "GET, HEAD, POST"), ("/attach/rbd/1", "DELETE, GET, HEAD"),
      ("/mount", "DELETE, GET, HEAD, POST"), ("/mount/rbd", "GET, HEAD, POST"),
      ("/mount/rbd/1", "DELETE, GET, HEAD"), ("/mount/overlay", "GET, HEAD, POST"),
-     ("/mount/overlay/1", "DELETE, GET, HEAD"), ("/swagger.json", "GET, HEAD")],
+     ("/mount/overlay/1", "DELETE, GET, HEAD"), ("/swagger.json", "GET, HEAD"),
+     ("/container", "GET, HEAD, POST"), ("/container/1", "DELETE, GET, HEAD"),
+     ("/container/1/running", "GET, HEAD"), ("/container/byname/x", "DELETE, GET, HEAD"),
+     ("/container/byname/1", "DELETE, GET, HEAD"), ("/container/byname/x/exited", "GET, HEAD")],
 )  # fmt: skip
 def test_wrong_method_is_405_listing_every_method(path: str, allow: str) -> None:
     app, fake = make()
@@ -276,6 +282,234 @@ def test_failures_outside_the_exception_middleware_are_json_too() -> None:
     assert_error(asyncio.run(go()), 500, "internal server error")
 
 
+# -- containers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "op", "args"),
+    [
+        ("GET", "/container", "list_containers", {}),
+        ("GET", "/container/3", "get_container", {"id": 3}),
+        ("DELETE", "/container/3", "delete_container", {"id": 3}),
+        ("GET", "/container/3/running", "set_container_state", {"id": 3, "state": "running"}),
+        ("GET", "/container/3/exited", "set_container_state", {"id": 3, "state": "exited"}),
+        ("GET", "/container/byname/web", "get_container_byname", {"name": "web"}),
+        ("DELETE", "/container/byname/web", "delete_container_byname", {"name": "web"}),
+        # A name made of digits, or one that looks like a state, is still a name.
+        ("GET", "/container/byname/3", "get_container_byname", {"name": "3"}),
+        ("GET", "/container/byname/running", "get_container_byname", {"name": "running"}),
+        ("DELETE", "/container/byname/7", "delete_container_byname", {"name": "7"}),
+        ("GET", "/container/byname/web/running", "set_container_state_byname",
+         {"name": "web", "state": "running"}),
+        ("GET", "/container/byname/3/exited", "set_container_state_byname",
+         {"name": "3", "state": "exited"}),
+    ],
+)  # fmt: skip
+def test_container_routes(method: str, path: str, op: str, args: dict[str, Any]) -> None:
+    app, fake = make()
+    r = request(app, method, path)
+    assert r.status_code == 200, r.text
+    assert fake.calls == [(op, args)]
+
+
+def test_create_container_route() -> None:
+    app, fake = make()
+    r = request(app, "POST", "/container", json=CONTAINER)
+    assert r.status_code == 201, r.text
+    assert fake.calls == [("create_container", {"body": CONTAINER})]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "fragments"),
+    [
+        ("GET", "/container/3/stopping", 400, ["parameter 'state'", "'stopping'"]),
+        ("GET", "/container/3/created", 400, ["parameter 'state'"]),
+        ("GET", "/container/3/dead", 400, ["parameter 'state'"]),
+        ("GET", "/container/byname/web/dead", 400, ["parameter 'state'", "'dead'"]),
+        ("GET", "/container/byname/web/Running", 400, ["parameter 'state'"]),
+        ("GET", "/container/abc", 400, ["parameter 'id'", "'abc'"]),
+        ("GET", "/container/abc/running", 400, ["parameter 'id'"]),
+        ("DELETE", "/container/-1", 400, ["parameter 'id'"]),
+        ("GET", "/container/byname/a%20b", 400, ["parameter 'name'"]),
+        ("GET", "/container/byname/web/running/now", 404, ["/container/byname/web/running/now"]),
+        ("GET", "/container/3/running/now", 404, []),
+        ("DELETE", "/container/3/exited", 405, ["DELETE"]),
+        ("POST", "/container/byname/web", 405, ["POST"]),
+    ],
+)  # fmt: skip
+def test_container_bad_paths(method: str, path: str, status: int, fragments: list[str]) -> None:
+    app, fake = make()
+    assert_error(request(app, method, path), status, *fragments)
+    assert not fake.calls
+
+
+@pytest.mark.parametrize(
+    ("body", "fragments"),
+    [
+        ({"command": "/bin/sh"}, ["body", "'mount' is a required"]),
+        ({"mount": CONTAINER["mount"]}, ["body", "'command' is a required"]),
+        ({**CONTAINER, "command": ""}, ["body.command"]),
+        ({**CONTAINER, "state": "paused"}, ["body.state", "'paused' is not one of"]),
+        ({**CONTAINER, "namespaces": ["network"]}, ["body.namespaces[0]", "'network'"]),
+        ({**CONTAINER, "systemd": "yes"}, ["body.systemd", "boolean"]),
+        ({**CONTAINER, "name": "a/b"}, ["body.name", "does not match"]),
+        ({**CONTAINER, "mount": {"kind": "disk", "mount_id": 1}}, ["body.mount.kind"]),
+        ({**CONTAINER, "tty": True}, ["body", "'tty'"]),
+    ],
+)
+def test_container_schema_violations(body: dict[str, Any], fragments: list[str]) -> None:
+    app, fake = make()
+    assert_error(request(app, "POST", "/container", json=body), 400, *fragments)
+    assert not fake.calls
+
+
+def test_container_response_may_show_null_namespaces() -> None:
+    app, fake = make(validate_responses=True)
+    view = {
+        **CONTAINER, "id": 3, "name": "web", "systemd": False, "state": "running",
+        "namespaces": None, "logfile": "/var/run/imageapi/logs/3-1613002114.log", "pid": 1534,
+    }  # fmt: skip
+    fake.behaviour["get_container"] = lambda **_: (view, 200)
+    r = request(app, "GET", "/container/3")
+    assert r.status_code == 200, r.text
+    assert r.json() == view
+
+
+# The real Handlers on a stand-in registry: what the container handlers ask the graph for.
+
+
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.fail: dict[str, Exception] = {}
+        self.next_id = 5
+
+    def _call(self, method: str, *args: Any) -> None:
+        self.calls.append((method, *args))
+        if method in self.fail:
+            raise self.fail[method]
+
+    def create(self, collection: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+        self._call("create", collection, kind, spec)
+        return {**spec, "id": self.next_id, "state": "created"}
+
+    def change(self, collection: str, kind: str, node_id: int, state: str) -> dict[str, Any]:
+        self._call("change", collection, kind, node_id, state)
+        return {**CONTAINER, "id": node_id, "state": state}
+
+    def delete(self, collection: str, kind: str, node_id: int) -> dict[str, Any]:
+        self._call("delete", collection, kind, node_id)
+        return {**CONTAINER, "id": node_id, "state": "exited"}
+
+    def get(self, collection: str, kind: str, node_id: int) -> dict[str, Any]:
+        self._call("get", collection, kind, node_id)
+        return {**CONTAINER, "id": node_id, "state": "created"}
+
+    def list(self, collection: str, kind: str | None = None) -> list[dict[str, Any]]:
+        self._call("list", collection, kind)
+        return []
+
+    def find_name(self, collection: str, kind: str, name: str) -> int:
+        self._call("find_name", collection, kind, name)
+        return 9
+
+
+class FakeService:
+    def __init__(self) -> None:
+        self.registry = FakeRegistry()
+
+
+def with_registry() -> tuple[Any, FakeRegistry]:
+    service = FakeService()
+    app = create_app(Settings(), handlers=Handlers(service), kind_of=lambda n: None)
+    return app, service.registry
+
+
+C = ("container", "container")
+
+
+def test_create_container_defaults_to_created() -> None:
+    app, graph = with_registry()
+    r = request(app, "POST", "/container", json=CONTAINER)
+    assert r.status_code == 201, r.text
+    assert r.json()["state"] == "created"
+    assert graph.calls == [("create", *C, CONTAINER)]
+
+
+def test_create_container_running_starts_it() -> None:
+    app, graph = with_registry()
+    body = {**CONTAINER, "state": "running"}
+    r = request(app, "POST", "/container", json=body)
+    assert r.status_code == 201, r.text
+    assert r.json() == {**CONTAINER, "id": 5, "state": "running"}
+    assert graph.calls == [("create", *C, body), ("change", *C, 5, "running")]
+
+
+@pytest.mark.parametrize("state", ["exited", "stopping", "dead"])
+def test_create_container_in_another_state_is_refused(state: str) -> None:
+    app, graph = with_registry()
+    r = request(app, "POST", "/container", json={**CONTAINER, "state": state})
+    assert_error(r, 400, "state", "'created'", "'running'", repr(state))
+    assert not graph.calls  # nothing was created
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"), [(SystemFault("ENOEXEC: start: Exec format error"), 500),
+                        (Conflict("busy"), 409), (RuntimeError("bug"), 500)]
+)  # fmt: skip
+def test_a_failed_start_on_create_leaves_nothing(exc: Exception, status: int) -> None:
+    app, graph = with_registry()
+    graph.fail["change"] = exc
+    r = request(app, "POST", "/container", json={**CONTAINER, "state": "running"})
+    message = assert_error(r, status)
+    if status != 500 or isinstance(exc, SystemFault):
+        assert str(exc) in message
+    assert [c[0] for c in graph.calls] == ["create", "change", "delete"]
+    assert graph.calls[-1] == ("delete", *C, 5)
+
+
+def test_a_failed_cleanup_still_reports_the_start_error(caplog: pytest.LogCaptureFixture) -> None:
+    app, graph = with_registry()
+    graph.fail["change"] = SystemFault("ENOEXEC: start failed")
+    graph.fail["delete"] = SystemFault("EBUSY: umount failed")
+    with caplog.at_level(logging.ERROR):
+        r = request(app, "POST", "/container", json={**CONTAINER, "state": "running"})
+    assert_error(r, 500, "ENOEXEC: start failed")
+    assert "EBUSY: umount failed" in caplog.text
+
+
+def test_container_state_and_name_handlers() -> None:
+    app, graph = with_registry()
+    r = request(app, "GET", "/container/byname/web/exited")
+    assert r.status_code == 200 and r.json()["state"] == "exited"
+    assert graph.calls == [("find_name", *C, "web"), ("change", *C, 9, "exited")]
+    graph.calls.clear()
+    assert request(app, "DELETE", "/container/byname/web").json()["id"] == 9
+    assert graph.calls == [("find_name", *C, "web"), ("delete", *C, 9)]
+    graph.calls.clear()
+    assert request(app, "GET", "/container/4/running").json()["state"] == "running"
+    assert request(app, "GET", "/container/byname/web").json()["id"] == 9
+    assert request(app, "GET", "/container").json() == []
+    assert graph.calls == [
+        ("change", *C, 4, "running"),
+        ("find_name", *C, "web"),
+        ("get", *C, 9),
+        ("list", *C),
+    ]
+    graph.fail["find_name"] = NotFound("no container named 'nope'")
+    assert_error(request(app, "GET", "/container/byname/nope/running"), 404, "'nope'")
+
+
+@pytest.mark.parametrize("state", ["created", "stopping", "dead", ""])
+def test_state_handlers_refuse_other_states_without_the_spec(state: str) -> None:
+    handlers = Handlers(FakeService())
+    with pytest.raises(BadRequest, match="'running' or 'exited'"):
+        handlers.set_container_state(1, state)
+    with pytest.raises(BadRequest, match="'running' or 'exited'"):
+        handlers.set_container_state_byname("web", state)
+    assert not handlers.graph.calls
+
+
 # -- the legacy shim ---------------------------------------------------------------------------
 
 
@@ -314,6 +548,34 @@ def test_legacy_bare_integer_lowers() -> None:
     assert r.status_code == 201, r.text
     inner = fake.calls[-1][1]["body"]["overlay"]["lower"][0]["overlay"]["lower"]
     assert inner == [{"kind": "rbd", "mount_id": 1}]
+
+
+def test_legacy_container_mount_id() -> None:
+    app, fake = make(kinds={1: "overlay", 4: "rbd"})
+    seed = {"name": "test-container", "mount": {"id": 1, "kind": "overlay"},
+            "command": "/usr/lib/systemd/systemd", "state": "created", "systemd": True}  # fmt: skip
+    r = request(app, "POST", "/container", json=seed)
+    assert r.status_code == 201, r.text
+    assert fake.calls[-1] == (
+        "create_container",
+        {"body": {**seed, "mount": {"kind": "overlay", "mount_id": 1}}},
+    )
+    # An inline overlay's bare-integer lowers, with or without the legacy `id`.
+    inline = {"command": "/bin/sh", "mount": {"kind": "overlay", "overlay": {"lower": [4, 1]}}}
+    r = request(app, "POST", "/container", json=inline)
+    assert r.status_code == 201, r.text
+    assert fake.calls[-1][1]["body"]["mount"]["overlay"]["lower"] == [
+        {"kind": "rbd", "mount_id": 4},
+        {"kind": "overlay", "mount_id": 1},
+    ]
+    # With mount_id present, `id` is left alone: a strict 400, as for any unknown field.
+    calls = len(fake.calls)
+    r = request(
+        app, "POST", "/container",
+        json={"command": "/bin/sh", "mount": {"id": 1, "mount_id": 2, "kind": "overlay"}},
+    )  # fmt: skip
+    assert_error(r, 400, "body.mount", "'id'")
+    assert len(fake.calls) == calls
 
 
 def test_legacy_shim_leaves_other_bodies_byte_identical() -> None:
@@ -358,8 +620,21 @@ def test_legacy_shim_leaves_other_bodies_byte_identical() -> None:
         ("mount_overlay", b'{"lower": [1'),  # not JSON: the validator will say so
         ("mount_overlay", b'{"lower": [1], "x": "\xff"}'),  # not UTF-8
         ("map_rbd", b'{"id": 1}'),  # another operation
+        ("create_container", b'{"command": "/bin/sh", "mount": {"kind":"rbd","mount_id":1}}'),
+        ("create_container", b'{"mount": {"id": 1, "mount_id": 2, "kind": "rbd"}}'),
+        ("create_container", b'{"mount": {"id": "1", "kind": "rbd"}}'),  # not an id
+        ("create_container", b'{"mount": [{"id": 1}], "id": 3}'),
+        ("create_container", b'{"mount": {"kind": "overlay", "overlay": {"lower": [{}]}}}'),
+        ("create_container", b'{"mount": {"id": 1'),
+        ("get_container", b'{"mount": {"id": 1, "kind": "rbd"}}'),
     ]:
         assert post(op, raw)[0] == raw
     body, headers = post("mount_overlay", b'{"lower": [7]}')
     assert json.loads(body) == {"lower": [{"kind": "rbd", "mount_id": 7}]}
     assert headers[b"content-length"] == str(len(body)).encode()
+    body, headers = post("create_container", b'{"command": "x", "mount": {"id": 7, "kind": "rbd"}}')
+    assert json.loads(body) == {"command": "x", "mount": {"kind": "rbd", "mount_id": 7}}
+    assert headers[b"content-length"] == str(len(body)).encode()
+    raw = b'{"command": "x", "mount": {"kind": "overlay", "overlay": {"lower": [7]}}}'
+    body, _ = post("create_container", raw)
+    assert json.loads(body)["mount"]["overlay"]["lower"] == [{"kind": "rbd", "mount_id": 7}]

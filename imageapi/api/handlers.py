@@ -6,13 +6,20 @@ Handlers stay thin: the spec has already validated shapes, the drivers check val
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from imageapi.errors import BadRequest
+from imageapi.errors import ApiError, BadRequest
 from imageapi.service import Service
+
+log = logging.getLogger(__name__)
 
 Body = dict[str, Any]
 Reply = tuple[Any, int]
+
+CONTAINER = ("container", "container")  # collection and kind of containers in the registry
+CREATE_STATES = ("created", "running")  # what POST /container may ask for
+TARGET_STATES = ("running", "exited")  # what GET /container/{id}/{state} may ask for
 
 
 class Handlers:
@@ -82,3 +89,63 @@ class Handlers:
 
     def unmount_overlay(self, id: int) -> Reply:
         return self.graph.delete("mount", "overlay", id), 200
+
+    # -- /container -----------------------------------------------------------------------
+
+    def list_containers(self) -> Reply:
+        return self.graph.list(*CONTAINER), 200
+
+    def create_container(self, body: Body) -> Reply:
+        state = body.get("state", "created")
+        if state not in CREATE_STATES:
+            raise BadRequest(
+                f"state: a new container can only be 'created' or 'running', not {state!r}"
+            )
+        view = self.graph.create(*CONTAINER, body)
+        if state == "running":
+            try:
+                view = self.graph.change(*CONTAINER, view["id"], "running")
+            except Exception:
+                # A request that fails leaves nothing behind: remove what was just defined
+                # (with its inline mount), then report why the start failed.
+                self._discard_container(view["id"])
+                raise
+        return view, 201
+
+    def get_container(self, id: int) -> Reply:
+        return self.graph.get(*CONTAINER, id), 200
+
+    def delete_container(self, id: int) -> Reply:
+        return self.graph.delete(*CONTAINER, id), 200
+
+    def set_container_state(self, id: int, state: str) -> Reply:
+        _check_target(state)
+        return self.graph.change(*CONTAINER, id, state), 200
+
+    # -- /container/byname ----------------------------------------------------------------
+
+    def get_container_byname(self, name: str) -> Reply:
+        return self.get_container(self._container_id(name))
+
+    def delete_container_byname(self, name: str) -> Reply:
+        return self.delete_container(self._container_id(name))
+
+    def set_container_state_byname(self, name: str, state: str) -> Reply:
+        _check_target(state)  # before the lookup: a bad request is a 400, not a 404
+        return self.set_container_state(self._container_id(name), state)
+
+    def _container_id(self, name: str) -> int:
+        return self.graph.find_name(*CONTAINER, name)
+
+    def _discard_container(self, id: int) -> None:
+        try:
+            self.graph.delete(*CONTAINER, id)
+        except ApiError as exc:
+            # The start's error is the one the client needs; this one goes to the log.
+            log.error("container %d: removing it after a failed start: %s", id, exc.message)
+
+
+def _check_target(state: str) -> None:
+    # The spec's enum already refuses other values; this holds for any caller.
+    if state not in TARGET_STATES:
+        raise BadRequest(f"state: can be set to 'running' or 'exited', not {state!r}")

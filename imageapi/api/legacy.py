@@ -8,7 +8,10 @@ new ones before connexion validates the body:
 - `POST /mount/rbd` with `id` but neither `rbd_id` nor `rbd`: `id` becomes `rbd_id`;
 - `POST /mount/overlay` and `POST /mount`: every overlay `lower` item that is a bare integer
   N, at any depth, becomes `{"kind": kind_of(N), "mount_id": N}` (ids are global, so the kind
-  is known; an unknown N becomes an overlay reference and the handler answers 404).
+  is known; an unknown N becomes an overlay reference and the handler answers 404);
+- `POST /container`: a `mount` of the form `{"id": N, "kind": K}` (no `mount_id`) becomes
+  `{"kind": K, "mount_id": N}`, and bare-integer lowers of an inline `mount.overlay` are
+  rewritten as above.
 
 Any other body, and any body that is not JSON, is passed on byte for byte.
 """
@@ -58,6 +61,7 @@ class LegacyShim:
             "mount_rbd": self.fix_mount_rbd,
             "mount_overlay": self.fix_mount_overlay,
             "mount": self.fix_mount,
+            "create_container": self.fix_container,
         }
 
     @staticmethod
@@ -99,6 +103,16 @@ class LegacyShim:
         if isinstance(body, dict) and isinstance(body.get("overlay"), dict):
             return self.fix_mount_overlay(body["overlay"])
         return False
+
+    def fix_container(self, body: Any) -> bool:
+        if not isinstance(body, dict) or not isinstance(body.get("mount"), dict):
+            return False
+        mount: dict[str, Any] = body["mount"]
+        changed = False
+        if _is_id(mount.get("id")) and "mount_id" not in mount:
+            mount["mount_id"] = mount.pop("id")
+            changed = True
+        return self.fix_mount(mount) or changed
 
     def _kind(self, mount_id: int) -> str:
         # kind_of takes the registry's lock, which is never held across kernel calls, so

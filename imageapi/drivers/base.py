@@ -12,6 +12,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from imageapi.errors import BadRequest
+
 Spec = dict[str, Any]
 State = dict[str, Any]
 
@@ -58,6 +60,10 @@ class Driver:
     kind: ClassVar[str]  # "rbd", "overlay", ...
     noun: ClassVar[str]  # for messages: "rbd", "rbd mount", "overlay mount"
     claimed_as: ClassVar[str] = "in use"  # "<claim> is already <claimed_as> by rbd 3"
+    shows_refs: ClassVar[bool] = True  # nothing stands on a container: it has no `refs`
+
+    # Set by the registry: report a change the object made on its own (durable state hooks here).
+    on_change: Callable[[Node, str], None] = staticmethod(lambda node, event: None)
 
     def normalize(self, spec: Spec) -> Spec:
         """Check a request spec and return it cleaned (server-set fields dropped).
@@ -75,6 +81,14 @@ class Driver:
 
     def describe_claim(self, claim: Hashable) -> str:
         return str(claim)
+
+    def name_claim(self, name: str) -> Hashable:
+        """The claim a named object of this kind holds (see `claim`)."""
+        raise NotImplementedError
+
+    def change(self, node: Node, target: str) -> None:
+        """Move a live object to another state; the graph lock is NOT held."""
+        raise BadRequest(f"a {self.noun} has no states to change")
 
     def check_available(self, spec: Spec) -> None:
         """Last check before building, after the claim is held (e.g. mapped outside us)."""

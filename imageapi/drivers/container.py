@@ -1,0 +1,158 @@
+"""Containers: a system image (a mount) booted in its own namespaces.
+
+A container stands on one mount (referenced by id, or defined inline and then owned). Its
+process life lives in `imageapi.runtime.lifecycle.Container`; this driver checks requests,
+builds that object and maps the API's state requests onto it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any
+
+from imageapi.drivers import checks
+from imageapi.drivers.base import Driver, Need, Node, Spec, State
+from imageapi.drivers.overlay_mount import generic_need
+from imageapi.errors import BadRequest
+from imageapi.kernel.ns import NAMESPACE_FLAGS
+from imageapi.runtime.cgroups import CgroupTree
+from imageapi.runtime.client import Helper
+from imageapi.runtime.lifecycle import ALWAYS, Container, Plan
+from imageapi.runtime.logfile import ContainerLog
+
+CREATE_STATES = ("created", "running")
+TARGET_STATES = ("running", "exited")
+UNSUPPORTED_NAMESPACES = {"user": "user namespaces are not supported (mounting needs real root)"}
+
+
+class ContainerDriver(Driver):
+    collection = "container"
+    kind = "container"
+    noun = "container"
+    claimed_as = "taken"
+    shows_refs = False
+
+    def __init__(
+        self,
+        log_dir: Path,
+        helper: Callable[[], Helper],
+        cgroups: CgroupTree | None,
+        stop_timeout: float,
+    ) -> None:
+        self.log_dir = log_dir
+        self.helper = helper
+        self.cgroups = cgroups
+        self.stop_timeout = stop_timeout
+
+    def normalize(self, spec: Spec) -> Spec:
+        out: Spec = {"mount": spec.get("mount")}
+        generic_need(out["mount"], "mount")
+        command = spec.get("command")
+        if not isinstance(command, str) or not command.strip():
+            raise BadRequest("command: required, the entrypoint and its arguments")
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:
+            raise BadRequest(f"command: cannot be split like a shell line: {exc}") from None
+        if not argv:
+            raise BadRequest("command: is empty")
+        out["command"] = command
+        out["argv"] = argv
+        name = spec.get("name")
+        if name not in (None, ""):
+            out["name"] = checks.plain_name(name, "name", max_len=64)
+            if out["name"].startswith((".", "-")) or ":" in out["name"] or "+" in out["name"]:
+                raise BadRequest(f"name: {name!r} is not a valid container name")
+        systemd = spec.get("systemd", False)
+        if not isinstance(systemd, bool):
+            raise BadRequest("systemd: must be true or false")
+        out["systemd"] = systemd
+        state = spec.get("state", "created")
+        if state not in CREATE_STATES:
+            raise BadRequest(f"state: a new container is 'created' or 'running', not {state!r}")
+        namespaces = spec.get("namespaces")
+        if namespaces is not None:
+            if not isinstance(namespaces, list):
+                raise BadRequest("namespaces: must be an array of namespace names")
+            for ns in namespaces:
+                if ns not in NAMESPACE_FLAGS:
+                    known = ", ".join(sorted(NAMESPACE_FLAGS))
+                    raise BadRequest(f"namespaces: unknown namespace {ns!r} (known: {known})")
+                if ns in UNSUPPORTED_NAMESPACES:
+                    raise BadRequest(f"namespaces: {UNSUPPORTED_NAMESPACES[ns]}")
+        out["namespaces"] = namespaces
+        return out
+
+    def needs(self, spec: Spec) -> list[Need]:
+        return [generic_need(spec["mount"], "mount")]
+
+    def claim(self, spec: Spec) -> Hashable | None:
+        return self.name_claim(spec["name"]) if "name" in spec else None
+
+    def name_claim(self, name: str) -> Hashable:
+        return ("container-name", name)
+
+    def describe_claim(self, claim: Hashable) -> str:
+        return f"the name {claim[1]!r}"  # type: ignore[index]
+
+    def build(self, node: Node) -> State:
+        spec = node.spec
+        mount = node.needs[0][1]
+        extra = [ns for ns in spec["namespaces"] or [] if ns not in ALWAYS]
+        plan = Plan(
+            cid=node.id,
+            root=mount.state["mountpoint"],
+            argv=spec["argv"],
+            exe=spec["argv"][0],
+            hostname=spec.get("name") or f"container-{node.id}",
+            systemd=spec["systemd"],
+            namespaces=extra,
+        )
+        container = Container(
+            plan,
+            helper=self.helper,
+            cgroups=self.cgroups,
+            log_file=ContainerLog(self.log_dir, node.id),
+            stop_timeout=self.stop_timeout,
+            on_change=lambda event: self.on_change(node, event),
+        )
+        container.check(quiet=True)  # refuse now what a start would refuse
+        container.log.event("container created")
+        return {"container": container}
+
+    def change(self, node: Node, target: str) -> None:
+        container: Container = node.state["container"]
+        if target == "running":
+            container.start()
+        elif target == "exited":
+            container.stop(wait=False)
+        else:
+            allowed = " or ".join(TARGET_STATES)
+            raise BadRequest(f"state: a container can be asked to be {allowed}, not {target!r}")
+
+    def destroy(self, node: Node) -> None:
+        node.state["container"].remove()
+
+    def render(self, node: Node, embed: Callable[[Node], dict[str, Any]]) -> dict[str, Any]:
+        spec = node.spec
+        container: Container = node.state["container"]
+        mount = node.needs[0][1]
+        ref: dict[str, Any] = {"kind": mount.kind, "mount_id": mount.id}
+        if node.owns(mount):
+            ref[mount.kind] = embed(mount)
+        view: dict[str, Any] = {"id": node.id}
+        if "name" in spec:
+            view["name"] = spec["name"]
+        view.update(
+            command=spec["command"],
+            mount=ref,
+            systemd=spec["systemd"],
+            namespaces=spec["namespaces"],
+            state=container.state,
+            logfile=str(container.log.path),
+        )
+        if container.pid is not None:
+            view["pid"] = container.pid
+        return view
