@@ -88,13 +88,11 @@ class Registry:
             if users:
                 names = ", ".join(f"{self._noun(u)} {u.id}" for u in users)
                 raise Conflict(f"{what} {node.id} is in use by {names}")
-            view = self._render(node)
             node.refs, node.api_held, node.status = 0, False, "destroying"
             self._commit("release", node)
         self._teardown(node, restore=True)
-        if "refs" in view:
-            view["refs"] = 0
-        return view
+        with self._lock:
+            return self._render(node)  # as it ended: refs 0, a container's final state
 
     def find_name(self, collection: str, kind: str, name: str) -> int:
         """The id of the object of that kind holding `name` (containers have names)."""
@@ -144,8 +142,12 @@ class Registry:
         driver = self._driver(collection, kind)
         spec = driver.normalize(spec)
         resolved: list[tuple[Need, Node]] = []
-        claim: Hashable | None = None
+        # Claimed first: a taken name or image refuses the request before anything is built.
+        claim = driver.claim(spec)
+        if claim is not None:
+            self._take_claim(claim, driver)
         try:
+            driver.check_available(spec)
             for need in driver.needs(spec):
                 if need.ref is not None:
                     resolved.append((need, self._acquire(need)))
@@ -153,10 +155,6 @@ class Registry:
                     assert need.spec is not None
                     child = self._create(need.collection, need.kind, need.spec, owned=True)
                     resolved.append((need, child))
-            claim = driver.claim(spec)
-            if claim is not None:
-                self._take_claim(claim, driver)
-            driver.check_available(spec)
             with self._lock:
                 # Reserved before building so the driver can name things after it (log files);
                 # a failed build burns its id, which is fine: ids are never reused anyway.

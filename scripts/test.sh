@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 
-ensure_debs squashfs-tools fuse3 libfuse3-3 util-linux busybox-static kmod
+ensure_debs squashfs-tools fuse3 libfuse3-3 util-linux busybox-static kmod debootstrap systemd-container
 load_modules loop squashfs overlay fuse
 ensure_venv "[test]"
 
-.venv/bin/ruff check imageapi tests
+.venv/bin/ruff check imageapi tests bench
 exec .venv/bin/python -m pytest "$@"

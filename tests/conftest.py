@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests import hostview
 from tests.apiclient import Api
+from tests.images import systemd_image
 from tests.krbdsim.harness import add_image, make_cluster, running_simulator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,15 +78,31 @@ def image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "etc/os-release").write_text('NAME="imageapi test image"\nID=imageapi-test\n')
     (root / "etc/hostname").write_text("testimage\n")
     busybox = shutil.which("busybox")
-    if busybox:
-        shutil.copy2(busybox, root / "bin/busybox")
-        (root / "bin/sh").symlink_to("busybox")
+    if busybox is None:
+        pytest.skip("needs busybox (Debian's busybox-static)")
+    shutil.copy2(busybox, root / "bin/busybox")
+    for applet in subprocess.run([busybox, "--list"], capture_output=True, text=True,
+                                 check=True).stdout.split():
+        if applet != "busybox" and not (root / "bin" / applet).exists():
+            (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc/not-executable").write_text("#!/bin/sh\necho never\n")
     return root
 
 
 @pytest.fixture(scope="session")
 def squashfs_image(image_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_squashfs(image_tree, tmp_path_factory.mktemp("sqsh") / "systemd.sqsh")
+
+
+@pytest.fixture(scope="session")
+def systemd_squashfs() -> Path:
+    """A squashfs of a minimal Debian bookworm that boots systemd (tests/images.py): built with
+    debootstrap on the first run on a machine (minutes, needs the Debian mirror), then cached in
+    /var/cache/imageapi-tests/ (env IMAGEAPI_TEST_CACHE). A failed build is an error."""
+    need_privileges()
+    if shutil.which("debootstrap") is None and shutil.which("apt-get") is None:
+        pytest.skip("needs debootstrap (apt-get install debootstrap)")
+    return systemd_image()
 
 
 @pytest.fixture(scope="session")
@@ -153,25 +171,75 @@ def start_server(run_dir: Path, *extra: str, env: dict[str, str] | None = None) 
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_text()}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            # An answer, not just a bound port: the service (and its helper) exists by then.
+            if httpx.get(f"{server.url}/imageapi/v1/swagger.json", timeout=2).status_code == 200:
                 return server
-        except OSError:
-            time.sleep(0.05)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
     server.stop()
     raise RuntimeError(f"server did not listen within 30 s:\n{server.log_text()}")
 
 
+STOP_TIMEOUT = 2.0
+
+
 @pytest.fixture(scope="module")
-def server(sim: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def cgroup_root() -> Iterator[Path]:
+    """A cgroup2 directory (not yet made) for one server's containers; the host's cgroup
+    tree must be exactly as before once that server has stopped."""
+    need_privileges()
+    mount = hostview.cgroup2_mount()
+    if mount is None:
+        pytest.skip("needs a cgroup2 hierarchy")
+    before = hostview.cgroup_tree(mount)
+    root = mount / f"imageapi-test-{os.getpid()}-{time.monotonic_ns()}"
+    yield root
+    assert not root.exists(), f"cgroups left behind: {sorted(hostview.tree(root))}"
+    assert hostview.cgroup_tree(mount) - before == set(), "new cgroups on the host"
+
+
+@pytest.fixture(scope="module")
+def server(
+    sim: Any, cgroup_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     run_dir = tmp_path_factory.mktemp("imageapi") / "run"
     srv = start_server(
         run_dir, "--rbd-sysfs", str(sim.sysfs), "--dev-dir", str(sim.devdir),
-        "--device-timeout", "5",
+        "--device-timeout", "5", "--stop-timeout", str(STOP_TIMEOUT),
+        "--cgroup-root", str(cgroup_root),
     )
+    helpers = hostview.descendants(srv.proc.pid)
     yield srv
+    leftover = hostview.descendants(srv.proc.pid) - helpers
+    # The daemon leaves containers and mounts alone when it stops (as it must), so anything a
+    # failed test left is removed here, through the API — and still reported as a failure.
+    purged = purge(srv.url)
     code = srv.stop()
     assert code == 0, f"server exited with {code}:\n{srv.log_text()}"
+    assert not purged, f"objects left in the daemon at the end: {purged}"
+    assert not leftover, f"processes left running under the server: {sorted(leftover)}"
     assert hostview.tree(run_dir / "mounts") == set(), "mount dir not empty at the end"
+
+
+def purge(url: str) -> list[str]:
+    """Delete every object the daemon holds, users before what they stand on."""
+    api = Api(url)
+    gone: list[str] = []
+    try:
+        for _ in range(10):  # inline children go with their owners; collect again
+            batch = [f"/container/{c['id']}" for c in api.get("/container")]
+            mounts = sorted(api.get("/mount"), key=lambda m: -m["mount_id"])
+            batch += [f"/mount/{m['kind']}/{m['mount_id']}" for m in mounts]
+            batch += [f"/attach/rbd/{r['id']}" for r in api.get("/attach/rbd")]
+            if not batch:
+                break
+            for path in batch:
+                if api.request("DELETE", path).status_code == 200:
+                    gone.append(path)
+    finally:
+        api.close()
+    return gone
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +271,7 @@ class Stack:
         objects = (
             self.api.get("/attach/rbd"),
             self.api.get("/mount"),
+            self.api.get("/container"),
         )
         return World(
             objects=tuple(repr(o) for o in objects),

@@ -55,6 +55,21 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def cgroup2_mount() -> Path | None:
+    for mountpoint, fstype, _source in sorted(mounts()):
+        if fstype == "cgroup2":
+            return Path(mountpoint)
+    return None
+
+
+def cgroup_tree(mount: Path) -> set[str]:
+    """Every cgroup (directory) in the hierarchy, but other test runs' own roots."""
+    return {
+        str(p.relative_to(mount)) for p in mount.rglob("*")
+        if p.is_dir() and "imageapi-test-" not in str(p)
+    }
+
+
 def tree(root: Path) -> set[str]:
     if not root.exists():
         return set()

@@ -192,10 +192,16 @@ def _build_systemd(recipe: dict[str, object], cache: Path, out: Path) -> None:
             tail = log.read_text(errors="replace")[-4000:]
             raise RuntimeError(f"debootstrap failed ({done.returncode}):\n{tail}")
         _customise(root)
-        subprocess.run(
-            ["mksquashfs", str(root), str(out), *MKSQUASHFS_OPTIONS], check=True, env=env,
-            stdout=subprocess.DEVNULL,
+        # mksquashfs warns that it cannot store the POSIX ACLs systemd-tmpfiles put on
+        # /var/log/journal ("Unrecognised xattr prefix system.posix_acl_*"): harmless, so its
+        # output is shown only when it fails.
+        squashed = subprocess.run(
+            ["mksquashfs", str(root), str(out), *MKSQUASHFS_OPTIONS], env=env,
+            capture_output=True, text=True, check=False,
         )  # fmt: skip
+        if squashed.returncode != 0:
+            raise RuntimeError(f"mksquashfs failed ({squashed.returncode}):\n"
+                               + (squashed.stdout + squashed.stderr)[-4000:])
     finally:
         _remove_tree(work)
 
@@ -206,23 +212,30 @@ def _customise(root: Path) -> None:
     - /etc/machine-id empty: the image is shared by every container made from it, so it must
       not carry one identity. systemd treats an empty file as "not yet initialised": at boot it
       takes the id from the `container_uuid` environment variable of PID 1 if the runtime sets
-      one, or makes a random one, and mounts it over the file (first-boot semantics;
-      `ConditionFirstBoot=` units run). /var/lib/dbus/machine-id, if debootstrap's dbus made one,
-      goes too (dbus falls back to /etc/machine-id).
+      one ("Initializing machine ID from container UUID"), or makes a random one, and writes it
+      to the file if / is writable (the overlay) or mounts it over the file if not; it is a
+      first boot (`ConditionFirstBoot=` units run; none in this image waits for input).
+      /var/lib/dbus/machine-id, if debootstrap's dbus made one, goes too (dbus then reads
+      /etc/machine-id).
     - /etc/hostname and /etc/resolv.conf are copied from the build host by debootstrap; a fixed
       hostname replaces the first and the second is emptied, so no trace of the build host
       remains and the image does not depend on where it was built.
     - apt's package cache and lists, and debootstrap's log, are removed (they only make the
       image bigger).
     No unit is masked: whatever does not work in a container is for the runtime to provide.
+    (Checked: with this image, `systemd-nspawn -b` and a bare runtime — unshare of mount, pid,
+    uts, ipc and cgroup namespaces, then /proc, read-only /sys, cgroup2 on /sys/fs/cgroup, a tmpfs
+    /dev with the basic nodes, devpts, /dev/shm, /dev/mqueue, tmpfs /run and /tmp, a pty bound
+    on /dev/console, env `container=`, exec /sbin/init — both reach `running` with no failed
+    unit.)
     """
     (root / "etc/machine-id").write_text("")
     (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
-    (root / "etc/hostname").write_text(HOSTNAME + "\n")
-    resolv = root / "etc/resolv.conf"
-    if resolv.is_symlink():
-        resolv.unlink()
-    resolv.write_text("")
+    for name, text in (("etc/hostname", HOSTNAME + "\n"), ("etc/resolv.conf", "")):
+        path = root / name
+        path.unlink(missing_ok=True)  # the copies keep the host's mode (0755 here)
+        path.write_text(text)
+        path.chmod(0o644)
     for pattern in ("var/cache/apt/*.bin", "var/cache/apt/archives/*.deb", "var/lib/apt/lists/*"):
         for path in root.glob(pattern):
             if path.is_file() and not path.is_symlink():

@@ -285,8 +285,10 @@ def test_container_definitions(spec: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     ("value", "ok"),
-    [("test-container", True), ("web01", True), ("0", True), ("a.b_c-9", True),
-     ("", False), ("a b", False), ("a/b", False), ("é", False), ("x" * 256, False)],
+    [("test-container", True), ("web01", True), ("0", True), ("a.b_c-9", True), ("_x", True),
+     ("x" * 64, True), ("", False), ("a b", False), ("a/b", False), ("é", False),
+     ("x" * 65, False), (".", False), ("..", False), ("-x", False), (".x", False),
+     ("a:b", False), ("a+b", False)],
 )  # fmt: skip
 def test_container_names(spec: dict[str, Any], value: str, ok: bool) -> None:
     import jsonschema

@@ -5,6 +5,10 @@ connexion 3.3's own validators (a) decode the body with the charset of the reque
 multi-line dump of the whole schema, and (c) echo the offending value in the message, which
 would put a cephx `secret` into the response and the log. These subclasses fix all three and
 name the field in every message (`body.options.ro: 'yes' is not of type 'boolean'`).
+
+jsonschema's Draft 4 format checker knows `ipv4` but not the OpenAPI formats `int32` and
+`int64`, so an integer outside them (an id of 2**63) passed validation; `FORMAT_CHECKER` adds
+them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from connexion.datastructures import MediaTypeDict
 from connexion.exceptions import BadRequestProblem, UnsupportedMediaTypeProblem
 from connexion.json_schema import Draft4RequestValidator
 from connexion.validators import JSONRequestBodyValidator, ParameterValidator
-from jsonschema import Draft4Validator, ValidationError
+from jsonschema import Draft4Validator, FormatChecker, ValidationError
 from jsonschema.exceptions import best_match
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope
@@ -26,6 +30,27 @@ from starlette.types import Receive, Scope
 # Properties whose values must never appear in a message (write-only in the spec).
 SECRET_FIELDS = frozenset({"secret"})
 MISSING_BODY = "body: a JSON request body is required"
+
+INTEGER_FORMATS = {"int32": 32, "int64": 64}
+
+
+def _integer_format(bits: int) -> Any:
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+    def check(value: object) -> bool:
+        # A format constrains only values of its type; the type is checked on its own.
+        if isinstance(value, bool) or not isinstance(value, int):
+            return True
+        return low <= value <= high
+
+    return check
+
+
+# Draft 4's formats plus the OpenAPI integer formats, for every request validator below.
+FORMAT_CHECKER = FormatChecker(formats=())
+FORMAT_CHECKER.checkers = dict(Draft4Validator.FORMAT_CHECKER.checkers)
+for _name, _bits in INTEGER_FORMATS.items():
+    FORMAT_CHECKER.checks(_name)(_integer_format(_bits))
 
 
 def field_path(root: str, path: Iterable[Any]) -> str:
@@ -91,9 +116,7 @@ class JsonBodyValidator(JSONRequestBodyValidator):
     def _validate(self, body: Any) -> None:
         if body is None:
             raise BadRequestProblem(detail=MISSING_BODY)
-        validator = Draft4RequestValidator(
-            self._schema, format_checker=Draft4Validator.FORMAT_CHECKER
-        )
+        validator = Draft4RequestValidator(self._schema, format_checker=FORMAT_CHECKER)
         error = first_error(validator, body)
         if error is not None:
             # Logged once, by the error handler, with the request line.
@@ -117,7 +140,7 @@ class PathParameterValidator(ParameterValidator):
                 return f"{parameter_type} parameter '{param['name']}': missing"
             return None
         schema = param.get("schema", param)
-        validator = Draft4Validator(schema, format_checker=Draft4Validator.FORMAT_CHECKER)
+        validator = Draft4Validator(schema, format_checker=FORMAT_CHECKER)
         error = first_error(validator, value)
         if error is None:
             return None
