@@ -19,11 +19,17 @@ The baselines' ROOT is the image mounted with `mount -o loop,ro` plus an overlay
 imageapi can only mount images from RBD in this release, so its overlay stands on an rbd mount
 served by the krbd simulator (tests/krbdsim; it backs the rbd device with a loop device too).
 
+The benchmark moves itself (and so everything it starts) into a cgroup of its own,
+`imageapi-bench.PID/bench`, in cgroup2 and, on a hybrid host, in systemd's name=systemd v1
+hierarchy too: systemd-nspawn --keep-unit leaves `payload` and `supervisor` cgroups below its own,
+which then go with ours. imageapi-server gets `--cgroup-root imageapi-bench.PID/imageapi`.
+
 Runs are interleaved (floor nspawn imageapi, floor nspawn imageapi, ...) after a few warm-up
 rounds, so slow drifts of the machine hit every method alike. Everything the benchmark makes —
-mounts, loop devices, the cgroup, temporary directories, the server, the simulator — is removed
-at the end, also on an error or Ctrl-C. Needs root, busybox-static, squashfs-tools and
-systemd-container (`systemd-nspawn`). Uses only the standard library and httpx.
+mounts, loop devices, cgroups, temporary directories, the server, the simulator — is removed at
+the end, also on an error, Ctrl-C or SIGTERM. Needs root, busybox-static, squashfs-tools and
+systemd-container (`systemd-nspawn`). Uses only the standard library and httpx (and the krbd
+simulator from tests/).
 """
 
 from __future__ import annotations
@@ -122,14 +128,29 @@ def overlay_root(stack: contextlib.ExitStack, image: Path, work: Path) -> Path:
     return mount(stack, work / "root", "-t", "overlay", "-o", opts, "overlay")
 
 
-def cgroup2_mount() -> Path:
+def cgroup_hierarchies() -> dict[str, tuple[Path, str]]:
+    """The hierarchies container managers make cgroups in, as {key: (mountpoint, our cgroup)}:
+    "" for cgroup2 and "name=systemd" for systemd's v1 hierarchy on a hybrid host."""
+    mounts: dict[str, Path] = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1] == "cgroup2":
-                return Path(fields[4])
-    raise BenchError("no cgroup2 hierarchy mounted on this host")
+            left, _, right = line.partition(" - ")
+            fstype, _source, options = right.split()[:3]
+            point = Path(left.split()[4])
+            if fstype == "cgroup2":
+                mounts.setdefault("", point)
+            elif fstype == "cgroup" and "name=systemd" in options.split(","):
+                mounts.setdefault("name=systemd", point)
+    found = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            hid, controllers, path = line.rstrip("\n").split(":", 2)
+            key = "" if hid == "0" else controllers
+            if key in mounts:
+                found[key] = (mounts[key], path)
+    if "" not in found:
+        raise BenchError("no cgroup2 hierarchy mounted on this host")
+    return found
 
 
 def remove_cgroup(path: Path) -> None:
@@ -155,11 +176,23 @@ def remove_cgroup(path: Path) -> None:
     log(f"warning: could not remove cgroup {path}")
 
 
-def make_cgroup(stack: contextlib.ExitStack) -> Path:
-    group = cgroup2_mount() / f"imageapi-bench.{os.getpid()}"
-    group.mkdir()
-    stack.callback(remove_cgroup, group)
-    return group
+def enter_cgroups(stack: contextlib.ExitStack) -> Path:
+    """Move this process (and so every child: the baselines, the server, the simulator) into
+    `imageapi-bench.PID/bench` below its own cgroup, in cgroup2 and, on a hybrid host, in the
+    name=systemd hierarchy: systemd-nspawn --keep-unit makes `payload` and `supervisor` cgroups
+    below its own and does not remove them, so they land in ours and go with it. Returns the
+    (not yet made) cgroup root for imageapi-server, `imageapi-bench.PID/imageapi`."""
+    pid = str(os.getpid())
+    tops = {}
+    for key, (mount, own) in cgroup_hierarchies().items():
+        home = mount / own.lstrip("/")
+        top = tops[key] = home / f"imageapi-bench.{pid}"
+        top.mkdir()
+        stack.callback(remove_cgroup, top)
+        (top / "bench").mkdir()
+        (top / "bench/cgroup.procs").write_text(pid)
+        stack.callback((home / "cgroup.procs").write_text, pid)  # back home before removal
+    return tops[""] / "imageapi"
 
 
 def free_port() -> int:
@@ -176,9 +209,12 @@ def server_flags() -> str:
     return done.stdout
 
 
-def start_server(stack: contextlib.ExitStack, work: Path, sim: Any, cgroup: Path) -> str:
+def start_server(
+    stack: contextlib.ExitStack, work: Path, sim: Any, cgroup_root: Path
+) -> str:
     """An imageapi-server in its own session (a ^C at the terminal reaches only us, and we stop
     it after its objects are deleted), logging at WARNING so logging does not slow it."""
+    work.mkdir(parents=True, exist_ok=True)
     run_dir = work / "run"
     port = free_port()
     cmd = [
@@ -187,11 +223,9 @@ def start_server(stack: contextlib.ExitStack, work: Path, sim: Any, cgroup: Path
         "--dev-dir", str(sim.devdir), "--device-timeout", "5",
     ]  # fmt: skip
     if "--cgroup-root" in server_flags():
-        cmd += ["--cgroup-root", str(cgroup)]
+        cmd += ["--cgroup-root", str(cgroup_root)]
     else:
-        # TODO(runtime): imageapi-server has no --cgroup-root yet; once the container runtime
-        # lands with it, it is passed automatically (the cgroup above is made either way).
-        log(f"note: imageapi-server has no --cgroup-root yet; {cgroup} is not used")
+        log(f"note: this imageapi-server has no --cgroup-root; {cgroup_root} is not used")
     server_log = work / "server.log"
     with open(server_log, "wb") as out:
         proc = subprocess.Popen(
@@ -344,6 +378,7 @@ def measure(method: Method) -> float:
     thread.start()
     opening.wait()
     handle = None
+    unblock = None
     try:
         t0 = time.perf_counter()
         handle = method.launch()
@@ -357,13 +392,16 @@ def measure(method: Method) -> float:
             raise BenchError(f"{method.name}: the entrypoint wrote {got.get('data')!r}")
         return got["t1"] - t0
     finally:
-        if thread.is_alive():  # unblock the reader: open the write end ourselves
-            with contextlib.suppress(OSError):
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            thread.join(5)
+        if thread.is_alive():
+            # Failed or interrupted: hold both ends open, so neither our reader nor an
+            # entrypoint still blocked in open(2) on the FIFO waits any longer.
+            unblock = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
         try:
             method.finish(handle)
         finally:
+            if unblock is not None:
+                os.close(unblock)  # the last writer gone: the reader sees end of file
+                thread.join(5)
             fifo.unlink(missing_ok=True)
 
 
@@ -393,6 +431,7 @@ def report(methods: list[Method]) -> None:
 
 def bench(args: argparse.Namespace, stack: contextlib.ExitStack, work: Path) -> list[Method]:
     image = build_image(work)
+    cgroup_root = enter_cgroups(stack)
     methods: list[Method] = []
     if {"floor", "nspawn"} & set(args.only):
         root = overlay_root(stack, image, work / "baseline")
@@ -412,8 +451,7 @@ def bench(args: argparse.Namespace, stack: contextlib.ExitStack, work: Path) -> 
         cluster = make_cluster(work / "cluster", pools={"rbd": 1})
         add_image(cluster, "rbd", "busybox.sqsh", image)
         sim = stack.enter_context(running_simulator(work / "krbd", cluster))
-        cgroup = make_cgroup(stack)
-        url = start_server(stack, work / "imageapi", sim, cgroup)
+        url = start_server(stack, work / "imageapi", sim, cgroup_root)
         http = stack.enter_context(httpx.Client(base_url=url, timeout=60))
         methods.append(imageapi_method(stack, http, cluster, "busybox.sqsh"))
     methods.sort(key=lambda m: METHODS.index(m.name))
@@ -428,9 +466,22 @@ def bench(args: argparse.Namespace, stack: contextlib.ExitStack, work: Path) -> 
     return methods
 
 
+def mounts_under(path: Path) -> list[str]:
+    """Mountpoints below `path`, deepest first."""
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return sorted((p for p in points if p.startswith(f"{path}/")), key=len, reverse=True)
+
+
 def remove_dir(path: Path) -> None:
-    left = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if line.split()[4].startswith(str(path) + "/")]
+    """The last step: sweep up what an earlier step could not undo (say the server died and
+    left its mounts), then remove the temporary directory."""
+    for point in mounts_under(path):
+        log(f"warning: {point} was still mounted; unmounting it")
+        unmount(Path(point))
+    for loop in leftover_loops(path):
+        log(f"warning: /dev/{loop} was still attached; detaching it")
+        subprocess.run(["losetup", "-d", f"/dev/{loop}"], check=False)
+    left = mounts_under(path)
     if left:
         log(f"warning: not removing {path}: still mounted: {left}")
         return
@@ -475,8 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted; everything was torn down")
         return 130
-    except BenchError as e:
-        log(f"error: {e}")
+    except (BenchError, httpx.HTTPError) as e:
+        log(f"error: {type(e).__name__}: {e}")
         return 1
     finally:
         loops = leftover_loops(work)

@@ -1,4 +1,5 @@
-"""The cached systemd image of tests/images.py: what it holds, that it mounts, that it is built once."""
+"""The cached systemd image of tests/images.py: its contents, that it mounts, that it is built
+once."""
 
 from __future__ import annotations
 
