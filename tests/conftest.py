@@ -200,13 +200,19 @@ def cgroup_root() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
+def stop_timeout() -> float:
+    """The server's --stop-timeout; a module may override this fixture."""
+    return STOP_TIMEOUT
+
+
+@pytest.fixture(scope="module")
 def server(
-    sim: Any, cgroup_root: Path, tmp_path_factory: pytest.TempPathFactory
+    sim: Any, cgroup_root: Path, stop_timeout: float, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     run_dir = tmp_path_factory.mktemp("imageapi") / "run"
     srv = start_server(
         run_dir, "--rbd-sysfs", str(sim.sysfs), "--dev-dir", str(sim.devdir),
-        "--device-timeout", "5", "--stop-timeout", str(STOP_TIMEOUT),
+        "--device-timeout", "5", "--stop-timeout", str(stop_timeout),
         "--cgroup-root", str(cgroup_root),
     )
     helpers = hostview.descendants(srv.proc.pid)
