@@ -313,6 +313,10 @@ def imageapi_method(
     root = Path(answer.json()["overlay"]["mountpoint"])
 
     def unmount_stack() -> None:
+        # A run interrupted between sending POST /container and reading the answer leaves a
+        # container we hold no id of: delete every container first (the server is ours).
+        for container in http.get("/container").json():
+            http.delete(f"/container/{container['id']}")
         done = http.request("DELETE", "/mount", json={"kind": "overlay", "mount_id": mount_id})
         if done.status_code != 200:
             log(f"warning: DELETE /mount overlay {mount_id}: {done.status_code} {done.text}")
