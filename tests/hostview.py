@@ -71,6 +71,13 @@ def cgroup_tree(mount: Path) -> set[str]:
     }
 
 
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def tree(root: Path) -> set[str]:
     if not root.exists():
         return set()

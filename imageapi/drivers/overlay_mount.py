@@ -6,6 +6,7 @@ overlay is a non-destructive, throw-away read-write view of its (read-only) lowe
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from imageapi.drivers import checks
 from imageapi.drivers.base import Driver, Need, Node, Spec, State
 from imageapi.drivers.mountpoints import fresh_dir, mount_error, remove_dir, unmount
-from imageapi.errors import BadRequest
+from imageapi.errors import BadRequest, describe_oserror
 from imageapi.kernel import mount as kmount
 
 
@@ -63,6 +64,12 @@ class OverlayMount(Driver):
         except OSError as exc:
             for path in reversed(made):
                 remove_dir(path, tree=True)
+            if exc.errno == errno.ELOOP:
+                # overlayfs refuses layers that overlap: the request named one filesystem twice
+                # (the same mount, or two mounts of one image). The client's doing: a 400.
+                raise BadRequest(
+                    describe_oserror(exc, "cannot mount the overlay: its lower layers overlap")
+                ) from exc
             raise mount_error(exc, "cannot mount the overlay") from exc
         return {"mountpoint": str(target), "upperdir": str(upper), "workdir": str(work)}
 

@@ -1,19 +1,33 @@
-"""The container's first two processes, forked from the helper (`zygote`).
+"""The container's first processes, forked from the helper (`zygote`).
 
-    helper ── fork ──> setup process: join the cgroup, unshare namespaces, fork, report, exit
+Two ways in. The general one, for any request:
+
+    helper ── fork ──> setup process: join the cgroup, unshare every namespace, fork, exit
                           └── fork ──> init (PID 1 inside): set up the root, pivot_root, exec
 
-The setup process exists because unshare(CLONE_NEWPID) only applies to children: its child
-is PID 1 of the new namespace. When it exits, that child is re-parented to the helper (a
-child subreaper), which then learns the entrypoint's exit status with waitpid.
+The fast one, used whenever a spare is ready (any request but a time namespace): the helper
+keeps one *spare* forked ahead of time —
 
-Both report over `report_fd` (close-on-exec): `P<pid>` for the init's host pid, `E<text>` for
-a failure. End of file with no error means the entrypoint was exec'd.
+    helper ── fork ──> setup process: unshare the pid namespace, fork, exit
+                          └── fork ──> spare (already PID 1 of a fresh pid namespace), waits
+                                       for a request; then joins the cgroup, unshares the other
+                                       namespaces (they apply to the caller itself), and goes on
+                                       as init
+
+— so the two forks are paid before the request, not during it.
+
+A setup process exists because unshare(CLONE_NEWPID) only applies to children. When it exits,
+its child is re-parented to the helper (a child subreaper), which learns the entrypoint's exit
+status with waitpid.
+
+Reports go over `report_fd` (close-on-exec): `P<pid>` for the init's host pid, `E<text>` for a
+failure. End of file with no error means the entrypoint was exec'd.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -22,7 +36,7 @@ from typing import Any, NoReturn
 
 import prctl
 
-from imageapi.kernel.ns import CLONE_NEWNET, unshare
+from imageapi.kernel.ns import CLONE_NEWNET, CLONE_NEWPID, unshare
 from imageapi.runtime import rootfs
 from imageapi.runtime.logfile import stamp
 
@@ -42,14 +56,18 @@ def _report(fd: int, text: str) -> None:
         pass
 
 
+def _join_cgroup(request: dict[str, Any]) -> None:
+    # Before unsharing the cgroup namespace, so its root is the container's cgroup.
+    if request.get("cgroup"):
+        with open(os.path.join(request["cgroup"], "cgroup.procs"), "w") as procs:
+            procs.write("0")  # "0" is the writer itself, whatever its pid namespace
+
+
 def setup_process(request: dict[str, Any], report_fd: int, log_fd: int) -> NoReturn:
-    """Runs in the helper's fresh child; never returns."""
+    """The general way in: runs in the helper's fresh child; never returns."""
     try:
         prctl.set_name("imageapi-setup")
-        if request.get("cgroup"):
-            # Before unsharing the cgroup namespace, so its root is the container's cgroup.
-            with open(os.path.join(request["cgroup"], "cgroup.procs"), "w") as procs:
-                procs.write(str(os.getpid()))
+        _join_cgroup(request)
         unshare(request["flags"])
         pid = os.fork()
     except BaseException as exc:
@@ -61,7 +79,41 @@ def setup_process(request: dict[str, Any], report_fd: int, log_fd: int) -> NoRet
     os._exit(0)
 
 
-def init_process(request: dict[str, Any], report_fd: int, log_fd: int) -> NoReturn:
+def spare_setup_process(request_fd: int, report_fd: int) -> NoReturn:
+    """Makes a spare: runs in the helper's fresh child; never returns."""
+    try:
+        prctl.set_name("imageapi-setup")
+        unshare(CLONE_NEWPID)
+        pid = os.fork()
+    except BaseException as exc:
+        _report(report_fd, f"E{_describe(exc)}")
+        os._exit(1)
+    if pid == 0:
+        _spare(request_fd, report_fd)
+    _report(report_fd, f"P{pid}")
+    os._exit(0)
+
+
+def _spare(request_fd: int, report_fd: int) -> NoReturn:
+    prctl.set_name("imageapi-spare")
+    chunks = []
+    try:
+        while chunk := os.read(request_fd, 1 << 16):  # the helper closes its end after writing
+            chunks.append(chunk)
+        os.close(request_fd)
+        if not chunks:
+            os._exit(0)  # the helper went away: nothing to run
+        request = json.loads(b"".join(chunks))
+        log_fd = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    except BaseException as exc:
+        _report(report_fd, f"E{_describe(exc)}")
+        os._exit(1)
+    init_process(request, report_fd, log_fd, late_flags=request["flags"] & ~CLONE_NEWPID)
+
+
+def init_process(
+    request: dict[str, Any], report_fd: int, log_fd: int, late_flags: int = 0
+) -> NoReturn:
     """PID 1 of the container until it execs the entrypoint; never returns."""
 
     def say(message: str) -> None:
@@ -69,6 +121,9 @@ def init_process(request: dict[str, Any], report_fd: int, log_fd: int) -> NoRetu
 
     try:
         prctl.set_name("imageapi-init")
+        if late_flags:
+            _join_cgroup(request)
+            unshare(late_flags)
         os.setsid()  # no controlling terminal, out of the daemon's process group
         root = request["root"]
         rootfs.prepare(root, systemd=request["systemd"], console=request.get("console"),
@@ -92,7 +147,7 @@ def init_process(request: dict[str, Any], report_fd: int, log_fd: int) -> NoRetu
         log_fd = 2
         keep = report_fd  # close-on-exec: it closes itself when exec succeeds
         os.closerange(3, keep)
-        os.closerange(keep + 1, _max_fd())
+        os.closerange(keep + 1, max_fd())
         for sig in RESET_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
@@ -107,7 +162,7 @@ def init_process(request: dict[str, Any], report_fd: int, log_fd: int) -> NoRetu
         os._exit(127)
 
 
-def _max_fd() -> int:
+def max_fd() -> int:
     try:
         return os.sysconf("SC_OPEN_MAX")
     except (ValueError, OSError):

@@ -29,9 +29,19 @@ from dataclasses import dataclass
 
 import prctl
 
+from imageapi.kernel.ns import CLONE_NEWTIME
 from imageapi.runtime import init
 
 START_TIMEOUT = 60.0
+
+
+@dataclass
+class Spare:
+    """A container init forked ahead of time, waiting for its request (see runtime.init)."""
+
+    pid: int
+    request_w: int
+    report_r: int
 
 
 @dataclass
@@ -47,6 +57,8 @@ class Helper:
         self.sock = sock
         self.running: dict[int, Running] = {}  # host pid of a container's init -> its record
         self.consoles: dict[int, Running] = {}  # pty master fd -> record
+        self.spare: Spare | None = None
+        self.spares_work = True  # cleared when making one fails: the general path remains
 
     def send(self, message: dict[str, object]) -> None:
         self.sock.send(json.dumps(message).encode())
@@ -59,14 +71,23 @@ class Helper:
             os.set_inheritable(fd, False)
         os.set_blocking(master, False)
         request["console"] = os.ttyname(slave)
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            os.close(report_r)
-            self.sock.close()
-            init.setup_process(request, report_w, log_fd)
-        os.close(report_w)
-        init_pid, error = self._read_report(report_r)
+        spare = self.spare
+        if spare is not None and not int(request["flags"]) & CLONE_NEWTIME:  # type: ignore[call-overload]
+            # A time namespace only applies to children: the spare, already PID 1, can't.
+            self.spare = None
+            os.write(spare.request_w, json.dumps(request).encode())
+            os.close(spare.request_w)
+            _, error = self._read_report(spare.report_r)
+            init_pid: int | None = spare.pid
+        else:
+            report_r, report_w = os.pipe2(os.O_CLOEXEC)
+            pid = os.fork()
+            if pid == 0:
+                os.close(report_r)
+                self.sock.close()
+                init.setup_process(request, report_w, log_fd)
+            os.close(report_w)
+            init_pid, error = self._read_report(report_r)
         if init_pid is None or error is not None:
             for fd in (log_fd, master, slave):
                 os.close(fd)
@@ -77,6 +98,33 @@ class Helper:
         self.running[init_pid] = record
         self.consoles[master] = record
         self.send({"op": "started", "id": cid, "pid": init_pid})
+
+    def make_spare(self) -> None:
+        request_r, request_w = os.pipe2(os.O_CLOEXEC)
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            # It may wait a long time: it must hold nothing of ours (above all not the daemon's
+            # socket, or the daemon would never see us go).
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            low, high = sorted((request_r, report_w))
+            os.closerange(3, low)
+            os.closerange(low + 1, high)
+            os.closerange(high + 1, init.max_fd())
+            init.spare_setup_process(request_r, report_w)
+        os.close(request_r)
+        os.close(report_w)
+        ready, _, _ = select.select([report_r], [], [], START_TIMEOUT)
+        line = os.read(report_r, 4096).decode(errors="replace") if ready else ""
+        if line.startswith("P"):
+            self.spare = Spare(int(line[1:].split()[0]), request_w, report_r)
+            return
+        print(f"imageapi-helper: no spare init: {line[1:].strip() or 'timed out'}",
+              file=sys.stderr, flush=True)
+        self.spares_work = False
+        os.close(request_w)
+        os.close(report_r)
 
     @staticmethod
     def _read_report(fd: int) -> tuple[int | None, str | None]:
@@ -109,6 +157,10 @@ class Helper:
                 return
             if pid == 0:
                 return
+            if self.spare is not None and pid == self.spare.pid:
+                os.close(self.spare.request_w)
+                os.close(self.spare.report_r)
+                self.spare = None  # it died waiting; another is made after the next start
             record = self.running.pop(pid, None)
             if record is None:
                 continue  # a setup process, or an init whose start already failed
@@ -146,6 +198,7 @@ class Helper:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.make_spare()
         while True:
             ready, _, _ = select.select([self.sock, wake_r, *self.consoles], [], [])
             if wake_r in ready:
@@ -167,6 +220,8 @@ class Helper:
                 request = json.loads(message)
                 if request.get("op") == "start":
                     self.start(request)
+            if self.spare is None and self.spares_work:
+                self.make_spare()  # after answering: off the next start's critical path
 
 
 def main(argv: list[str]) -> int:
