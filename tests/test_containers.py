@@ -288,3 +288,15 @@ def test_duplicate_name_is_a_conflict(stack: Stack) -> None:
     assert api.get("/mount") == mounts_before
     api.delete(f"/container/{first['id']}")
     api.delete(f"/mount/overlay/{ovl['id']}")
+
+
+def test_time_namespace_takes_the_general_path(stack: Stack) -> None:
+    """A time namespace applies only to children, so the helper's spare init can't take it:
+    the request goes the two-fork way and still gets everything else."""
+    api = stack.api
+    c = api.post("/container", {"mount": overlay_spec(stack), "namespaces": ["time", "ipc"],
+                                "command": "/bin/sleep 1000", "state": "running"})
+    assert os.readlink(f"/proc/{c['pid']}/ns/time") != os.readlink("/proc/self/ns/time")
+    assert ns_ids(c["pid"])["pid"] != ns_ids("self")["pid"]
+    assert Path(f"/proc/{c['pid']}/comm").read_text().strip() == "sleep"
+    api.delete(f"/container/{c['id']}")
