@@ -9,7 +9,12 @@ Flags and environment variables are those of the original server (`--scheme`, `-
 timeouts of `imageapi.config.Settings`.
 
 SIGTERM or SIGINT: stop accepting, let in-flight requests finish, exit 0. A second SIGINT or
-SIGTERM stops waiting for them.
+SIGTERM stops waiting for them. Running containers and their mounts are left alone.
+
+Under systemd (`systemd/imageapi.service`, `Type=notify`): `READY=1` once every listener's
+server has started (the app's startup ran, accepting is armed on every socket), `STOPPING=1`
+when a signal begins the shutdown; with `Delegate=yes` the daemon first moves itself into a
+leaf of its cgroup (`imageapi.delegation`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from typing import Any
 
 import uvicorn
 
+from imageapi import delegation
 from imageapi.config import DEFAULT_RUN_DIR, Settings
+from imageapi.notify import Notifier
 
 log = logging.getLogger("imageapi.server")
 
@@ -142,8 +149,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
+def settings_from(args: argparse.Namespace, cgroup_root: Path | None = None) -> Settings:
+    """`cgroup_root`: the default for the containers' cgroups when `--cgroup-root` is not given."""
     given: dict[str, Any] = {"run_dir": args.run_dir}
+    if cgroup_root is not None:
+        given["cgroup_root"] = cgroup_root
     for name in ("mount_dir", "log_dir", "rbd_sysfs", "dev_dir", "device_timeout", "stop_timeout",
                  "cgroup_root"):
         value = getattr(args, name)
@@ -285,6 +295,7 @@ class ListenerServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, label: str) -> None:
         super().__init__(config)
         self.label = label
+        self.ready = asyncio.Event()  # set once this listener's connections are served
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -296,6 +307,7 @@ class ListenerServer(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started:
             log.info("accepting connections on %s", self.label)
+            self.ready.set()
 
 
 def make_servers(app: Any, listeners: Sequence[Listener]) -> list[ListenerServer]:
@@ -316,9 +328,22 @@ def make_servers(app: Any, listeners: Sequence[Listener]) -> list[ListenerServer
     return servers
 
 
-async def serve_all(servers: Sequence[ListenerServer], listeners: Sequence[Listener]) -> None:
+async def serve_all(
+    servers: Sequence[ListenerServer],
+    listeners: Sequence[Listener],
+    notifier: Notifier | None = None,
+) -> None:
     loop = asyncio.get_running_loop()
+    notifier = notifier or Notifier(None)
     stopping = False
+
+    async def announce_ready() -> None:
+        # Only when every listener is served: one listener up is not "ready".
+        await asyncio.gather(*(server.ready.wait() for server in servers))
+        if not stopping:
+            labels = ", ".join(server.label for server in servers)
+            notifier.send("READY=1", f"STATUS=accepting connections on {labels}",
+                          f"MAINPID={os.getpid()}")
 
     def on_signal(signum: int) -> None:
         nonlocal stopping
@@ -329,12 +354,14 @@ async def serve_all(servers: Sequence[ListenerServer], listeners: Sequence[Liste
                 server.force_exit = True
             return
         stopping = True
+        notifier.send("STOPPING=1", f"STATUS={name}: finishing in-flight requests")
         log.info("%s: no new connections; finishing in-flight requests", name)
         for server in servers:
             server.should_exit = True
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    ready = asyncio.create_task(announce_ready())
     try:
         await asyncio.gather(
             *(
@@ -343,6 +370,7 @@ async def serve_all(servers: Sequence[ListenerServer], listeners: Sequence[Liste
             )
         )
     finally:
+        ready.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 
@@ -350,7 +378,10 @@ async def serve_all(servers: Sequence[ListenerServer], listeners: Sequence[Liste
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging()
-    settings = settings_from(args)
+    # Before anything is started: the helper (hence every container) must neither inherit
+    # $NOTIFY_SOCKET nor be born in the delegated cgroup's top, where processes cannot stay.
+    notifier = Notifier.from_environ()
+    settings = settings_from(args, delegation.settle())
     try:
         prepare_dirs(settings)
         listeners = open_listeners(args)
@@ -369,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         service = Service(settings)
         app = create_app(settings, service)
         servers = make_servers(app, listeners)
-        asyncio.run(serve_all(servers, listeners))
+        asyncio.run(serve_all(servers, listeners, notifier))
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot serve: %s", exc)
         return 1

@@ -7,10 +7,12 @@ import os
 import threading
 
 from imageapi.config import Settings
+from imageapi.drivers.bind_mount import BindMount
 from imageapi.drivers.container import ContainerDriver
+from imageapi.drivers.loopback_attach import LoopbackAttach
 from imageapi.drivers.overlay_mount import OverlayMount
 from imageapi.drivers.rbd_attach import RbdAttach
-from imageapi.drivers.rbd_mount import RbdMount
+from imageapi.drivers.rbd_mount import LoopbackMount, RbdMount
 from imageapi.graph import Registry
 from imageapi.runtime import cgroups
 from imageapi.runtime.client import Helper
@@ -33,7 +35,10 @@ class Service:
         self.registry = Registry(
             [
                 RbdAttach(settings.rbd_sysfs, settings.dev_dir, settings.device_timeout),
+                LoopbackAttach(),
                 RbdMount(settings.mounts),
+                LoopbackMount(settings.mounts),
+                BindMount(settings.mounts),
                 OverlayMount(settings.mounts),
                 ContainerDriver(settings.logs, self.helper, self.cgroups, settings.stop_timeout),
             ]

@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 
-ensure_debs squashfs-tools fuse3 libfuse3-3 util-linux busybox-static kmod debootstrap systemd-container
+# systemd: systemd-analyze checks systemd/imageapi.service offline (tests/test_service.py).
+ensure_debs squashfs-tools fuse3 libfuse3-3 util-linux busybox-static kmod debootstrap systemd-container \
+  systemd
 load_modules loop squashfs overlay fuse
 ensure_venv "[test]"
 

@@ -242,6 +242,7 @@ def purge(url: str) -> list[str]:
             mounts = sorted(api.get("/mount"), key=lambda m: -m["mount_id"])
             batch += [f"/mount/{m['kind']}/{m['mount_id']}" for m in mounts]
             batch += [f"/attach/rbd/{r['id']}" for r in api.get("/attach/rbd")]
+            batch += [f"/attach/loopback/{a['id']}" for a in api.get("/attach/loopback")]
             if not batch:
                 break
             for path in batch:
@@ -280,6 +281,7 @@ class Stack:
     def world(self) -> World:
         objects = (
             self.api.get("/attach/rbd"),
+            self.api.get("/attach/loopback"),
             self.api.get("/mount"),
             self.api.get("/container"),
         )

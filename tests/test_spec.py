@@ -45,6 +45,24 @@ DEFINITIONS = {
     "id", "name", "rbd_options", "rbd", "mount_rbd", "mount_overlay", "mount",
     "container_namespace", "container_state", "container", "error",
 }  # fmt: skip
+
+# Additions beyond v1 (local images), in the spec's order; the v1 names above stay as they are.
+ADDED_OPERATIONS = [
+    ("get", "/attach/loopback", "list_loopbacks"),
+    ("post", "/attach/loopback", "attach_loopback"),
+    ("get", "/attach/loopback/{id}", "get_loopback"),
+    ("delete", "/attach/loopback/{id}", "detach_loopback"),
+    ("get", "/mount/loopback", "list_mounts_loopback"),
+    ("post", "/mount/loopback", "mount_loopback"),
+    ("get", "/mount/loopback/{id}", "get_mount_loopback"),
+    ("delete", "/mount/loopback/{id}", "unmount_loopback"),
+    ("get", "/mount/bind", "list_mounts_bind"),
+    ("post", "/mount/bind", "mount_bind"),
+    ("get", "/mount/bind/{id}", "get_mount_bind"),
+    ("delete", "/mount/bind/{id}", "unmount_bind"),
+]
+ADDED_DEFINITIONS = {"loopback", "mount_loopback", "mount_bind"}
+MOUNT_KINDS = ["rbd", "overlay", "loopback", "bind"]  # v1's two first
 SERVER_SET = {
     "id", "device_id", "device_file", "refs", "mountpoint", "upperdir", "workdir", "logfile",
     "pid",
@@ -115,16 +133,18 @@ def test_package_ships_the_same_spec(spec: dict[str, Any]) -> None:
 
 def test_every_operation_of_the_contract(spec: dict[str, Any]) -> None:
     found = [(m, p, op["operationId"]) for m, p, op in methods(spec)]
-    assert sorted(found) == sorted(OPERATIONS)
+    assert sorted(found) == sorted(OPERATIONS + ADDED_OPERATIONS)
     # Generated clients name their methods after these, in the facts sheet's order.
-    assert [op for _, _, op in found] == [op for _, _, op in OPERATIONS]
+    v1 = {op for _, _, op in OPERATIONS}
+    assert [op for _, _, op in found if op in v1] == [op for _, _, op in OPERATIONS]
+    assert [op for _, _, op in found if op not in v1] == [op for _, _, op in ADDED_OPERATIONS]
     for method, path, op in methods(spec):
         assert op["tags"] == [TAGS["/" + path.split("/")[1]]]
         assert op.get("summary") or op.get("description"), f"{method} {path}: undocumented"
 
 
 def test_definitions(spec: dict[str, Any]) -> None:
-    assert set(spec["definitions"]) == DEFINITIONS
+    assert set(spec["definitions"]) == DEFINITIONS | ADDED_DEFINITIONS
     ident = spec["definitions"]["id"]
     assert (ident["type"], ident["format"], ident["minimum"]) == ("integer", "int64", 0)
     error = spec["definitions"]["error"]
@@ -177,8 +197,32 @@ def test_object_shapes(spec: dict[str, Any]) -> None:
     assert overlay["properties"]["lower"]["items"] == {"$ref": "#/definitions/mount"}
     mount = d["mount"]
     assert mount["required"] == ["kind"]
-    assert mount["properties"]["kind"]["enum"] == ["rbd", "overlay"]
+    assert mount["properties"]["kind"]["enum"] == MOUNT_KINDS
     assert mount["properties"]["mount_id"] == {"$ref": "#/definitions/id"}
+    for kind in MOUNT_KINDS:
+        assert mount["properties"][kind] == {"$ref": f"#/definitions/mount_{kind}"}
+
+
+def test_local_image_shapes(spec: dict[str, Any]) -> None:
+    d = spec["definitions"]
+    loopback = d["loopback"]
+    assert loopback["required"] == ["path"]
+    assert set(loopback["properties"]) == {"id", "path", "ro", "device_file", "refs"}
+    assert (loopback["properties"]["ro"]["type"], loopback["properties"]["ro"]["default"]) == (
+        "boolean", True)
+    # mount_loopback is mount_rbd with the attachment named `loopback`.
+    rbd_props = dict(d["mount_rbd"]["properties"])
+    rbd_props["loopback_id"] = rbd_props.pop("rbd_id")
+    rbd_props["loopback"] = {"$ref": "#/definitions/loopback"}
+    del rbd_props["rbd"]
+    assert d["mount_loopback"]["properties"] == rbd_props
+    assert d["mount_loopback"]["required"] == ["fs_type"]
+    bind = d["mount_bind"]
+    assert bind["required"] == ["path"]
+    assert set(bind["properties"]) == {"id", "path", "ro", "mountpoint", "refs"}
+    assert bind["properties"]["ro"]["default"] is True
+    for definition in (loopback, bind):
+        assert definition["properties"]["path"]["pattern"] == "^/"
 
 
 @pytest.mark.parametrize("name", ["pool", "image", "snapshot"])

@@ -40,6 +40,20 @@ class Handlers:
     def unmap_rbd(self, id: int) -> Reply:
         return self.graph.delete("attach", "rbd", id), 200
 
+    # -- /attach/loopback -----------------------------------------------------------------
+
+    def list_loopbacks(self) -> Reply:
+        return self.graph.list("attach", "loopback"), 200
+
+    def attach_loopback(self, body: Body) -> Reply:
+        return self.graph.create("attach", "loopback", body), 201
+
+    def get_loopback(self, id: int) -> Reply:
+        return self.graph.get("attach", "loopback", id), 200
+
+    def detach_loopback(self, id: int) -> Reply:
+        return self.graph.delete("attach", "loopback", id), 200
+
     # -- /mount (generic) -----------------------------------------------------------------
 
     def list_mounts(self) -> Reply:
@@ -75,6 +89,34 @@ class Handlers:
 
     def unmount_rbd(self, id: int) -> Reply:
         return self.graph.delete("mount", "rbd", id), 200
+
+    # -- /mount/loopback ------------------------------------------------------------------
+
+    def list_mounts_loopback(self) -> Reply:
+        return self.graph.list("mount", "loopback"), 200
+
+    def mount_loopback(self, body: Body) -> Reply:
+        return self.graph.create("mount", "loopback", body), 201
+
+    def get_mount_loopback(self, id: int) -> Reply:
+        return self.graph.get("mount", "loopback", id), 200
+
+    def unmount_loopback(self, id: int) -> Reply:
+        return self.graph.delete("mount", "loopback", id), 200
+
+    # -- /mount/bind ----------------------------------------------------------------------
+
+    def list_mounts_bind(self) -> Reply:
+        return self.graph.list("mount", "bind"), 200
+
+    def mount_bind(self, body: Body) -> Reply:
+        return self.graph.create("mount", "bind", body), 201
+
+    def get_mount_bind(self, id: int) -> Reply:
+        return self.graph.get("mount", "bind", id), 200
+
+    def unmount_bind(self, id: int) -> Reply:
+        return self.graph.delete("mount", "bind", id), 200
 
     # -- /mount/overlay -------------------------------------------------------------------
 

@@ -60,3 +60,22 @@ def reference(value: object, field: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise BadRequest(f"{field}: must be a positive integer id")
     return value
+
+
+# PATH_MAX less the terminating NUL.
+MAX_PATH = 4095
+
+
+def host_path(value: object, field: str) -> str:
+    """An absolute path on the host, as given (symlinks are followed when it is opened)."""
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{field}: must be a non-empty string")
+    if not value.startswith("/"):
+        raise BadRequest(f"{field}: {value!r} is not an absolute path")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadRequest(f"{field}: not a valid UTF-8 path") from None
+    if "\0" in value or size > MAX_PATH:
+        raise BadRequest(f"{field}: not a usable path (NUL byte, or longer than {MAX_PATH})")
+    return value

@@ -1,10 +1,16 @@
-"""Mount a filesystem from an attached rbd device (typically a squashfs system image)."""
+"""Mount a filesystem from an attached block device (typically a squashfs system image).
+
+`DeviceMount` mounts the `device_file` of an attachment of one kind (`source_kind`): an rbd
+(`RbdMount`, `mount_rbd`: `rbd_id` or `rbd`) or a loop device over an image file
+(`LoopbackMount`, `mount_loopback`: `loopback_id` or `loopback`). The request fields are named
+after the attachment kind; everything else is the same.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from imageapi.drivers import checks
 from imageapi.drivers.base import Driver, Need, Node, Spec, State
@@ -13,12 +19,10 @@ from imageapi.errors import BadRequest
 from imageapi.kernel import mount as kmount
 
 
-class RbdMount(Driver):
+class DeviceMount(Driver):
     collection = "mount"
-    kind = "rbd"
-    noun = "rbd mount"
     # Which attachment kind this mounts, and the request fields naming it.
-    source_kind = "rbd"
+    source_kind: ClassVar[str]
 
     def __init__(self, mount_dir: Path) -> None:
         self.mount_dir = mount_dir
@@ -81,3 +85,15 @@ class RbdMount(Driver):
             view[self.source_kind] = embed(source)
         view["mountpoint"] = node.state["mountpoint"]
         return view
+
+
+class RbdMount(DeviceMount):
+    kind = "rbd"
+    noun = "rbd mount"
+    source_kind = "rbd"
+
+
+class LoopbackMount(DeviceMount):
+    kind = "loopback"
+    noun = "loopback mount"
+    source_kind = "loopback"

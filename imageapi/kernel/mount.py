@@ -132,6 +132,33 @@ def umount(target: str, flags: int = 0) -> None:
         _raise(target)
 
 
+# statvfs(3) f_flag bits -> the mount(2) flags that set them on a mount.
+_ST_TO_MS = (
+    (os.ST_RDONLY, MS_RDONLY),
+    (os.ST_NOSUID, MS_NOSUID),
+    (os.ST_NODEV, MS_NODEV),
+    (os.ST_NOEXEC, MS_NOEXEC),
+    (os.ST_NOATIME, MS_NOATIME),
+    (os.ST_NODIRATIME, MS_NODIRATIME),
+)
+
+
+def mount_flags(path: str) -> int:
+    """The per-mount flags of the mount holding `path`, as mount(2) flags.
+
+    A remount of a bind mount (MS_REMOUNT | MS_BIND) replaces all of them, so whoever remounts
+    passes these along to keep `nosuid`, `nodev`, `noexec` and the atime mode.
+    """
+    f_flag = os.statvfs(path).f_flag
+    flags = 0
+    for st, ms in _ST_TO_MS:
+        if f_flag & st:
+            flags |= ms
+    if not f_flag & (os.ST_NOATIME | os.ST_RELATIME):
+        flags |= MS_STRICTATIME
+    return flags
+
+
 def is_mountpoint(path: str) -> bool:
     """True when `path` is the root of a mount, judged by /proc/self/mountinfo."""
     real = os.path.realpath(path)

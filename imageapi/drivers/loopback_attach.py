@@ -1,0 +1,189 @@
+"""Attach an image file of the host as a loop device (`/dev/loopN`).
+
+The loop device is set up with autoclear and held open by the daemon for as long as the
+attachment exists (see `imageapi.kernel.loop`): detaching closes it, and the kernel unbinds the
+device when its last user has gone; if the daemon dies, nothing is leaked either.
+
+Sharing: a file may be attached read-only any number of times (each attachment is a device of
+its own, e.g. one per container that defines its image inline), but a read-write attachment
+must be the only one — no other attachment, by imageapi or by anybody else (`losetup`), may
+exist while a device can write to the file. Files are told apart by (st_dev, st_ino), so two
+paths to one file (links, bind mounts) are the same file.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from imageapi.drivers import checks
+from imageapi.drivers.base import Driver, Node, Spec, State
+from imageapi.errors import ApiError, BadRequest, Conflict, SystemFault, describe_oserror
+from imageapi.kernel.loop import Loop, LoopDevice
+
+log = logging.getLogger(__name__)
+
+Identity = tuple[int, int]  # (st_dev, st_ino)
+
+# open(2) errors that describe the request's path, not a fault of the system.
+_PATH_ERRNOS = {
+    errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM,
+    errno.EROFS, errno.ETXTBSY, errno.EISDIR, errno.ENXIO,
+}  # fmt: skip
+
+
+class LoopbackAttach(Driver):
+    collection = "attach"
+    kind = "loopback"
+    noun = "loopback"
+
+    def __init__(self, loop: Loop | None = None) -> None:
+        self.loop = loop or Loop()
+        # Our attachments per file: identity -> {node id: read-only}; and our devices
+        # ("loop3"), so the check against devices bound outside imageapi skips them.
+        self._lock = threading.Lock()
+        self._users: dict[Identity, dict[int, bool]] = {}
+        self._devices: set[str] = set()
+
+    # -- checking ----------------------------------------------------------------------------
+
+    def normalize(self, spec: Spec) -> Spec:
+        ro = spec.get("ro", True)
+        if not isinstance(ro, bool):
+            raise BadRequest("ro: must be true or false")
+        return {"path": checks.host_path(spec.get("path"), "path"), "ro": ro}
+
+    def check_available(self, spec: Spec) -> None:
+        # Early and friendly; `build` checks again, on the file it actually opens.
+        try:
+            st = os.stat(spec["path"])
+        except OSError as exc:
+            raise _path_error(exc, spec["path"]) from exc
+        _require_regular(st.st_mode, spec["path"])
+
+    # -- kernel work -------------------------------------------------------------------------
+
+    def build(self, node: Node) -> State:
+        path, ro = node.spec["path"], node.spec["ro"]
+        backing_fd = _open_image(path, ro)
+        try:
+            st = os.fstat(backing_fd)
+            identity = (st.st_dev, st.st_ino)
+            with self._lock:
+                self._refuse_if_taken(identity, ro, path)
+                self._users.setdefault(identity, {})[node.id] = ro
+            try:
+                device = self.loop.attach(backing_fd, read_only=ro, name=path)
+            except BaseException as exc:
+                self._forget(identity, node.id, None)
+                if isinstance(exc, OSError):
+                    raise SystemFault(describe_oserror(exc, f"cannot attach {path}")) from exc
+                raise
+        finally:
+            os.close(backing_fd)  # the loop device holds its own reference to the file
+        with self._lock:
+            self._devices.add(device.name)
+        log.info(
+            "attached %s as %s (%s, direct I/O %s)", path, device.path,
+            "read-only" if device.read_only else "read-write", "on" if device.direct_io else "off",
+        )  # fmt: skip
+        return {"device_file": device.path, "device": device}
+
+    def _refuse_if_taken(self, identity: Identity, ro: bool, path: str) -> None:
+        """Lock held. A read-write attachment excludes every other one, ours or not."""
+        for other, other_ro in sorted(self._users.get(identity, {}).items()):
+            if not (ro and other_ro):
+                how = "read-only" if other_ro else "read-write"
+                raise Conflict(f"{path} is already attached {how} by loopback {other}"
+                               + _why(ro))  # fmt: skip
+        for bound in self.loop.bindings():
+            if bound.name in self._devices or bound.backing != identity:
+                continue
+            if not (ro and bound.read_only):
+                how = "read-only" if bound.read_only else "read-write"
+                raise Conflict(
+                    f"{path} is already attached {how} as /dev/{bound.name} (outside imageapi)"
+                    + _why(ro)
+                )
+
+    def _forget(self, identity: Identity, node_id: int, device: LoopDevice | None) -> None:
+        with self._lock:
+            users = self._users.get(identity, {})
+            users.pop(node_id, None)
+            if not users:
+                self._users.pop(identity, None)
+            if device is not None:
+                self._devices.discard(device.name)
+
+    def destroy(self, node: Node) -> None:
+        device: LoopDevice = node.state["device"]
+        try:
+            unbound = self.loop.detach(device)
+        except OSError as exc:
+            what = f"cannot detach {device.path}"
+            if exc.errno == errno.EBUSY:
+                raise Conflict(describe_oserror(exc, what + " (mounted outside imageapi)")) from exc
+            raise SystemFault(describe_oserror(exc, what)) from exc
+        self._forget(device.backing, node.id, device)
+        if unbound:
+            log.info("detached %s from %s", device.path, node.spec["path"])
+        else:
+            log.warning(
+                "%s is still open outside imageapi: the kernel unbinds it when that user closes it",
+                device.path,
+            )
+
+    def render(self, node: Node, embed: Callable[[Node], dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": node.id,
+            "path": node.spec["path"],
+            "ro": node.spec["ro"],
+            "device_file": node.state["device_file"],
+        }
+
+
+def _why(ro: bool) -> str:
+    return "" if ro else "; a read-write attachment must be the only one of its file"
+
+
+def _open_image(path: str, ro: bool) -> int:
+    """Open the image file for the loop device, checking it is a regular file first.
+
+    An O_PATH open has no side effects (a fifo does not block, a device is not opened), so
+    the file is checked through that descriptor and then reopened through it — the same
+    inode, whatever happens to the path meanwhile.
+    """
+    try:
+        pinned = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _path_error(exc, path) from exc
+    try:
+        _require_regular(os.fstat(pinned).st_mode, path)
+        try:
+            return os.open(f"/proc/self/fd/{pinned}",
+                           (os.O_RDONLY if ro else os.O_RDWR) | os.O_CLOEXEC)  # fmt: skip
+        except OSError as exc:
+            raise _path_error(OSError(exc.errno, exc.strerror, path), path) from exc
+    finally:
+        os.close(pinned)
+
+
+def _require_regular(mode: int, path: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    what = {
+        stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
+        stat.S_IFBLK: "a block device", stat.S_IFIFO: "a fifo", stat.S_IFSOCK: "a socket",
+    }.get(stat.S_IFMT(mode), "not a file")  # fmt: skip
+    raise BadRequest(f"path: {path} is {what}, not a regular file (an image file)")
+
+
+def _path_error(exc: OSError, path: str) -> ApiError:
+    if exc.errno in _PATH_ERRNOS:
+        return BadRequest(describe_oserror(exc, "path: cannot open"))
+    return SystemFault(describe_oserror(exc, f"cannot open {path}"))
