@@ -138,6 +138,11 @@ KNOWN_BUGS: dict[str, str] = {
         "create like a missing entrypoint). Repro: POST /attach/rbd, POST /mount/rbd "
         "{fs_type: squashfs}, POST /container {mount: {kind: rbd, mount_id: M}, command: "
         "/bin/true, systemd: true, state: running}",
+    r"container \d+ did not start: EACCES: Permission denied":
+        "a container on a mount made with `noexec` cannot exec its entrypoint: a 500 at start; "
+        "it is the request's doing (a 400, refused at create). Repro: POST /mount/rbd "
+        "{rbd: ..., fs_type: squashfs, mount_options: [noexec]}, POST /container {mount: "
+        "{kind: rbd, mount_id: M}, command: /bin/true, state: running}",
 }
 
 # The contract accepts the request shapes of the seed walkthrough as aliases (facts sheet,

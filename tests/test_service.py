@@ -640,6 +640,8 @@ def test_sigterm_leaves_containers_and_mounts_running(
         device_id = str(rbd_mount["rbd"]["device_id"])
         mountpoints = [rbd_mount["mountpoint"], overlay["mountpoint"]]  # bottom first
         helpers = hostview.descendants(server.proc.pid) - {pid}
+        helper = [h for h in helpers if hostview.comm(h) == "imageapi-helper"]
+        assert len(helper) == 1, {h: hostview.comm(h) for h in helpers}
 
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(30) == 0, server.log_text()
@@ -653,12 +655,26 @@ def test_sigterm_leaves_containers_and_mounts_running(
         for mp in mountpoints:
             assert mp in mounted, f"{mp} was unmounted when the daemon stopped"
         assert device_id in sim.mapped(), "the rbd was unmapped when the daemon stopped"
-        # The helper ends by itself once the daemon's socket is closed.
+        # The helper stays while its containers run — it reaps them and keeps their consoles
+        # alive — but serves nothing more: its spare init ends.
         deadline = time.monotonic() + 10
-        while any(process_alive(h) for h in helpers):
-            assert time.monotonic() < deadline, f"helper(s) outlived the daemon: {helpers}"
+        while any(process_alive(h) for h in set(helpers) - set(helper)):
+            assert time.monotonic() < deadline, "the spare init outlived the daemon"
+            time.sleep(0.05)
+        assert process_alive(helper[0])
+        subprocess.run(["nsenter", "-t", str(pid), "-a", "/bin/sh", "-c",
+                        "echo console-after-stop > /dev/console"], check=True, timeout=10)
+        log = Path(container["logfile"])
+        while "console-after-stop" not in log.read_text():
+            assert time.monotonic() < deadline + 10, "the console went dead with the daemon"
             time.sleep(0.05)
         assert process_alive(pid)
+        os.kill(pid, signal.SIGKILL)
+        # Its last container gone, the helper ends by itself.
+        deadline = time.monotonic() + 10
+        while process_alive(helper[0]):
+            assert time.monotonic() < deadline, "the helper outlived its last container"
+            time.sleep(0.05)
     finally:
         server.stop()
         # Take it down by hand, top first, as the daemon would have on DELETE.

@@ -38,15 +38,30 @@ def default_root() -> Path | None:
     return mount / own.lstrip("/") / "imageapi"
 
 
+def _populated(path: Path) -> bool:
+    try:
+        return "populated 1" in (path / "cgroup.events").read_text()
+    except OSError:
+        return False
+
+
 class CgroupTree:
     def __init__(self, root: Path) -> None:
         self.root = root
 
     def create(self, cid: int) -> Path:
+        """`container-<id>`, or `container-<id>.<n>` when a container of an earlier daemon run
+        (ids start again at 1) still lives in that name: it must never be disturbed."""
         self.root.mkdir(mode=0o755, exist_ok=True)
-        path = self.root / f"container-{cid}"
-        if path.exists():
-            self.remove(path)  # left over from a run that ended without cleanup
+        name = f"container-{cid}"
+        for n in range(1, 1000):
+            path = self.root / name
+            if not path.exists():
+                break
+            if not _populated(path):
+                self.remove(path)  # an empty leftover of an earlier run
+                break
+            name = f"container-{cid}.{n}"
         path.mkdir(mode=0o755)
         return path
 

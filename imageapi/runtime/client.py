@@ -108,14 +108,17 @@ class Helper:
             log.error("%s; %d container(s) lose their watcher", why, len(self._on_exit))
 
     def close(self) -> None:
-        """End the helper (running containers are left alone: they are its orphans now)."""
+        """Let the helper go. With no container running it exits at once; otherwise it stays,
+        reaping them and relaying their consoles, until the last has ended — never killed, or
+        the containers of a node whose agent restarts would lose their consoles."""
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._sock.close()
         try:
-            self._proc.wait(5)
+            self._proc.wait(1)
         except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+            log.info("the container helper (pid %d) stays for the containers still running",
+                     self._proc.pid)
+            self._proc.returncode = 0  # not ours to reap any more; keeps Popen from warning

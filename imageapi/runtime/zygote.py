@@ -13,7 +13,8 @@ Protocol on the inherited SOCK_SEQPACKET socket, one JSON object per message:
   daemon -> helper  {"op": "start", "id": N, ...request}   (see imageapi.runtime.client)
   helper -> daemon  {"op": "started", "id": N, "pid": P} | {"op": "failed", "id": N, "error": T}
                     {"op": "exited", "id": N, "pid": P, "status": S}   (a waitpid status)
-End of file on the socket (the daemon went away) ends the helper; containers keep running.
+End of file on the socket (the daemon went away) stops the requests; the helper stays, reaping
+and relaying consoles, until the last container it started has ended.
 """
 
 from __future__ import annotations
@@ -59,9 +60,25 @@ class Helper:
         self.consoles: dict[int, Running] = {}  # pty master fd -> record
         self.spare: Spare | None = None
         self.spares_work = True  # cleared when making one fails: the general path remains
+        self.daemon_here = True
 
     def send(self, message: dict[str, object]) -> None:
-        self.sock.send(json.dumps(message).encode())
+        if self.daemon_here:
+            try:
+                self.sock.send(json.dumps(message).encode())
+            except OSError:
+                self.daemon_gone()
+
+    def daemon_gone(self) -> None:
+        """The daemon went away (stopped or restarting): serve no more requests, but keep
+        reaping and relaying consoles for the containers still running, which must not notice
+        their agent restarting; exit once the last one has ended."""
+        self.daemon_here = False
+        self.sock.close()
+        if self.spare is not None:
+            os.close(self.spare.request_w)  # end of file: the spare exits
+            os.close(self.spare.report_r)
+            self.spare = None
 
     def start(self, request: dict[str, object]) -> None:
         cid = int(request["id"])  # type: ignore[call-overload]
@@ -199,8 +216,9 @@ class Helper:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.make_spare()
-        while True:
-            ready, _, _ = select.select([self.sock, wake_r, *self.consoles], [], [])
+        while self.daemon_here or self.running:
+            watched = [wake_r, *self.consoles, *([self.sock] if self.daemon_here else [])]
+            ready, _, _ = select.select(watched, [], [])
             if wake_r in ready:
                 while True:
                     try:
@@ -213,14 +231,15 @@ class Helper:
                 record = self.consoles.get(fd) if isinstance(fd, int) else None
                 if record is not None:
                     self.relay(record)
-            if self.sock in ready:
+            if self.daemon_here and self.sock in ready:
                 message = self.sock.recv(1 << 20)
                 if not message:
-                    return
+                    self.daemon_gone()
+                    continue
                 request = json.loads(message)
                 if request.get("op") == "start":
                     self.start(request)
-            if self.spare is None and self.spares_work:
+            if self.daemon_here and self.spare is None and self.spares_work:
                 self.make_spare()  # after answering: off the next start's critical path
 
 
