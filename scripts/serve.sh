@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs imageapi into ./.venv if needed (Debian 12, as root) and runs the server.
+# Runs imageapi on a Debian 12 machine, as root: on first use installs what it needs (into
+# ./.venv) and builds an example system image to try it on; then starts the server.
 # Arguments go to imageapi-server, e.g. --scheme http --port 8080.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,5 +9,8 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/imageapi-server ]; then
   ensure_venv ""
 fi
+example_dir=${IMAGEAPI_EXAMPLE_DIR:-/var/lib/imageapi/examples}
+ensure_example_image "$example_dir"
+echo "example image: $example_dir/busybox.sqsh" >&2
 load_modules rbd overlay squashfs loop
 exec .venv/bin/imageapi-server "$@"

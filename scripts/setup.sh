@@ -31,3 +31,24 @@ load_modules() {
   local module
   for module in "$@"; do modprobe -q "$module" 2>/dev/null || true; done
 }
+
+# ensure_example_image DIR: DIR/busybox.sqsh, a tiny system image (Debian's busybox-static with
+# every applet linked) to try imageapi on without any cluster.
+ensure_example_image() {
+  local dir=$1 image=$1/busybox.sqsh tree applet
+  [ -f "$image" ] && return 0
+  ensure_debs squashfs-tools busybox-static
+  mkdir -p "$dir"
+  tree=$(mktemp -d)
+  mkdir -p "$tree"/{bin,dev,etc,proc,root,run,sys,tmp,var/tmp}
+  cp /bin/busybox "$tree/bin/busybox"
+  for applet in $(/bin/busybox --list); do
+    [ "$applet" = busybox ] || ln -s busybox "$tree/bin/$applet"
+  done
+  printf 'NAME="imageapi example (busybox)"\nID=imageapi-example\n' > "$tree/etc/os-release"
+  printf 'root:x:0:0:root:/root:/bin/sh\n' > "$tree/etc/passwd"
+  printf 'root:x:0:\n' > "$tree/etc/group"
+  mksquashfs "$tree" "$image.tmp" -noappend -quiet -all-root >/dev/null
+  mv "$image.tmp" "$image"
+  rm -rf "$tree"
+}

@@ -65,8 +65,8 @@ SEED = 20210211
 # A longer soak: IMAGEAPI_FUZZ_SCALE=10 multiplies the examples and scenarios below.
 SCALE = float(os.environ.get("IMAGEAPI_FUZZ_SCALE", "1"))
 MAX_EXAMPLES = int(25 * SCALE)  # per operation, fuzzing (examples: 1 each; coverage: derived)
-STATEFUL_SCENARIOS = int(60 * SCALE)  # Hypothesis examples of the stateful phase
-STATEFUL_MAX_STEPS = 12  # steps per scenario
+STATEFUL_SCENARIOS = int(150 * SCALE)  # Hypothesis examples of the stateful phase
+STATEFUL_MAX_STEPS = 15  # steps per scenario
 REQUEST_TIMEOUT = 30  # seconds; the daemon's own device timeout is 5 s
 RUN_TIMEOUT = int(600 * max(SCALE, 1))  # the subprocess as a whole; fail if it hangs
 # The server's --stop-timeout: a fuzzed container may ignore SIGTERM (a PID 1 without a handler
@@ -189,6 +189,7 @@ P_GOOD_MOUNT_OPTIONS = 0.7
 P_REAL_COMMAND = 0.8
 P_CREATE_STATE = 0.85
 P_REAL_PATH = 0.85
+P_FRESH_NAME = 0.8
 P_LIVE_REF = 0.75
 GOOD_MOUNT_OPTIONS = [[], ["ro"], ["ro", "noatime"], ["nodev", "nosuid", "noexec"]]
 
@@ -481,7 +482,11 @@ def delete_everything(base_url: str) -> list[str]:
     return left or [f"objects left after 5 rounds: {live_objects(base_url)}"]
 
 
+_live_cache: list[dict[str, list[Any]]] = []  # the live objects, until a request may change them
+
+
 def _reset_server() -> None:
+    _live_cache.clear()
     problems = delete_everything(_target()["base_url"])
     if problems:
         raise RuntimeError("reset of the server failed: " + "; ".join(problems))
@@ -646,6 +651,8 @@ class _Steer:
             del mount["mount_id"]
 
     def steer_container(self, container: dict[str, Any], name: str) -> None:
+        if _valid(container, name, "name") and self.chance(P_FRESH_NAME):
+            container["name"] = f"fuzz{self.rng.randrange(10**9)}"  # else mostly a 409: taken
         if _valid(container, name, "command") and self.chance(P_REAL_COMMAND):
             container["command"] = self.rng.choice(COMMANDS)
         # The shared state enum also has the states a container is read in (SEMANTIC_400).
@@ -656,6 +663,12 @@ class _Steer:
 _phase_seen: list[str] = []
 
 
+def _live() -> dict[str, list[Any]]:
+    if not _live_cache:
+        _live_cache.append(live_objects(_target()["base_url"]))
+    return _live_cache[0]
+
+
 def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
     meta = case.meta
     phase = str(meta.phase.name) if meta is not None else "unknown"
@@ -664,11 +677,17 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
         _reset_server()  # every phase starts from an empty server
     live = None
     if phase != "stateful":  # there, links supply the ids
-        live = live_objects(_target()["base_url"])
+        live = _live()
         if case.method.upper() == "POST" and len(live.get("/attach/rbd", [])) >= MAX_LIVE_RBDS:
             _reset_server()
-            live = live_objects(_target()["base_url"])
+            live = _live()
     _Steer(case, live).case(case)
+
+
+def after_call(context: Any, case: Any, response: Any) -> None:
+    # Reads, and requests refused as a client's mistake, change no object; anything else may.
+    if case.method.upper() != "GET" and not 400 <= response.status_code < 500:
+        _live_cache.clear()
 
 
 def _rewrite_legacy(op: str, body: Any) -> Any:
@@ -735,6 +754,7 @@ def _register() -> None:
     from schemathesis.generation.stateful.state_machine import APIStateMachine
 
     schemathesis.hook(before_call)
+    schemathesis.hook(after_call)
     schemathesis.hook(filter_failure)
 
     # The CLI has no per-scenario hook; APIStateMachine.teardown ("called once at the end of
