@@ -148,8 +148,14 @@ def loop_of(sim: RunningSimulator, dev_id: str) -> str:
     return Path(f"/sys/dev/block/{major}:{minor}").resolve().name
 
 
-def loop_attached(name: str) -> bool:
-    return Path(f"/sys/block/{name}/loop/backing_file").exists()
+def loop_attached(name: str, scope: Path | None = None) -> bool:
+    """Is /dev/<name> bound (to a file under `scope`, when given)? With a scope, a device
+    another process bound right after ours was freed does not count."""
+    try:
+        backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
+    except FileNotFoundError:
+        return False
+    return scope is None or backing.startswith(str(scope))
 
 
 def mount_ro(node: Path, where: Path) -> None:
@@ -208,7 +214,7 @@ def test_map_shows_attributes_and_a_real_block_node(
     assert sim.write("remove_single_major", "0") == 1
     assert sim.mapped() == []
     assert not node.exists()
-    assert not loop_attached(loop)
+    assert not loop_attached(loop, cluster.path)
 
 
 def test_lowest_free_id_is_reused(sim: RunningSimulator, cluster: ClusterInfo) -> None:
@@ -536,9 +542,9 @@ def test_force_remove_while_mounted(
         umount(mnt)
     # The loop goes once the filesystem lets go of it.
     deadline = time.monotonic() + 5
-    while loop_attached(loop) and time.monotonic() < deadline:
+    while loop_attached(loop, cluster.path) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not loop_attached(loop)
+    assert not loop_attached(loop, cluster.path)
 
 
 def test_remove_busy_while_held_open(sim: RunningSimulator, cluster: ClusterInfo) -> None:
@@ -586,7 +592,7 @@ def test_shutdown_reports_and_detaches_leaked_mappings(
         sim.write("add_single_major", add_cmd(cluster))
         loop = loop_of(sim, "0")
     assert "still mapped at shutdown: 0 (rbd/img@-" in sim.stderr()
-    assert not loop_attached(loop)
+    assert not loop_attached(loop, cluster.path)
     assert not (sim.devdir / "rbd0").exists()
 
 

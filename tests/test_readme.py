@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests import hostview
-from tests.conftest import REPO, free_port, need_privileges
+from tests.conftest import REPO, free_port, need_privileges, purge
 
 SECTION = "## Try it on one machine"
 FIRST = "sudo ./scripts/serve.sh --scheme http --port 8080 &"
@@ -118,8 +118,11 @@ def test_readme_walkthrough_runs_as_written(tmp_path: Path, cgroup_root: Path) -
                 missing = [x for x in wanted if x not in got]
                 assert not missing and (expected == "") == (actual == ""), (command, actual)
     finally:
+        # A failed step leaves its objects: remove them (the daemon leaves them on SIGTERM).
+        purged = purge(f"http://127.0.0.1:{port}") if server.poll() is None else []
         server.send_signal(signal.SIGTERM)
         code = server.wait(30)
     assert code == 0, log.read_text()
+    assert not purged, f"the walkthrough left objects behind: {purged}"
     assert hostview.tree(run_dir / "mounts") == set()
     assert not [b for b in hostview.loop_devices().values() if b.startswith(str(examples))]
