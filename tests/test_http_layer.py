@@ -79,6 +79,11 @@ def spawn(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Proc:
         "--dev-dir", str(tmp / "dev"),
         *args,
     ]  # fmt: skip
+    return spawn_command(command, env)
+
+
+def spawn_command(command: list[str], env: dict[str, str] | None = None) -> Proc:
+    """Run `command` with its output collected line by line in the background."""
     popen = subprocess.Popen(
         command,
         cwd=REPO,

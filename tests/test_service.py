@@ -16,7 +16,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from imageapi.notify import Notifier
 from imageapi.runtime.init import DROPPED_CAPS
 from tests import hostview
 from tests.conftest import Server
-from tests.test_http_layer import Proc, free_port, spawn
+from tests.test_http_layer import Proc, free_port, spawn, spawn_command
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "imageapi.service"
@@ -532,22 +531,6 @@ def test_daemon_moves_into_a_leaf_of_its_delegated_cgroup(tmp_path: Path, case: 
             code = proc.stop()
             assert code == 0, proc.log
         remove_cgroup(unit)
-
-
-def spawn_command(command: list[str]) -> Proc:
-    popen = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, "IMAGEAPI_LOGLEVEL": "INFO"})
-    proc = Proc(popen)
-
-    def drain() -> None:
-        assert popen.stdout is not None
-        for line in popen.stdout:
-            proc.lines.append(line)
-        proc.drained.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    return proc
 
 
 # -- SIGTERM leaves the node running -----------------------------------------------------------

@@ -17,31 +17,23 @@ import errno
 import os
 import stat
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from imageapi.drivers import checks
-from imageapi.drivers.base import Driver, Node, Spec, State
-from imageapi.drivers.mountpoints import fresh_dir, mount_error, remove_dir, unmount
+from imageapi.drivers.base import Node, Spec, State
+from imageapi.drivers.mountpoints import MountpointDriver, fresh_dir, mount_error, remove_dir
 from imageapi.errors import ApiError, BadRequest, SystemFault, describe_oserror
 from imageapi.kernel import mount as kmount
 
 _PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EACCES}
 
 
-class BindMount(Driver):
-    collection = "mount"
+class BindMount(MountpointDriver):
     kind = "bind"
     noun = "bind mount"
 
-    def __init__(self, mount_dir: Path) -> None:
-        self.mount_dir = mount_dir
-
     def normalize(self, spec: Spec) -> Spec:
-        ro = spec.get("ro", True)
-        if not isinstance(ro, bool):
-            raise BadRequest("ro: must be true or false")
-        return {"path": checks.host_path(spec.get("path"), "path"), "ro": ro}
+        return checks.host_file_spec(spec)
 
     def check_available(self, spec: Spec) -> None:
         # Early and friendly; `build` checks again, on the directory it actually binds.
@@ -93,11 +85,6 @@ class BindMount(Driver):
             remove_dir(target)
             raise mount_error(exc, f"cannot make the bind mount of {path} read-only") from exc
         return {"mountpoint": str(target)}
-
-    def destroy(self, node: Node) -> None:
-        target = Path(node.state["mountpoint"])
-        unmount(target)
-        remove_dir(target)
 
     def render(self, node: Node, embed: Callable[[Node], dict[str, Any]]) -> dict[str, Any]:
         return {

@@ -79,3 +79,11 @@ def host_path(value: object, field: str) -> str:
     if "\0" in value or size > MAX_PATH:
         raise BadRequest(f"{field}: not a usable path (NUL byte, or longer than {MAX_PATH})")
     return value
+
+
+def host_file_spec(spec: dict[str, object]) -> dict[str, object]:
+    """`{"path": <absolute host path>, "ro": <bool, default true>}`: local images' common part."""
+    ro = spec.get("ro", True)
+    if not isinstance(ro, bool):
+        raise BadRequest("ro: must be true or false")
+    return {"path": host_path(spec.get("path"), "path"), "ro": ro}

@@ -53,10 +53,7 @@ class LoopbackAttach(Driver):
     # -- checking ----------------------------------------------------------------------------
 
     def normalize(self, spec: Spec) -> Spec:
-        ro = spec.get("ro", True)
-        if not isinstance(ro, bool):
-            raise BadRequest("ro: must be true or false")
-        return {"path": checks.host_path(spec.get("path"), "path"), "ro": ro}
+        return checks.host_file_spec(spec)
 
     def check_available(self, spec: Spec) -> None:
         # Early and friendly; `build` checks again, on the file it actually opens.

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from imageapi.drivers.base import Driver, Node
 from imageapi.errors import ApiError, BadRequest, Conflict, SystemFault, describe_oserror
 from imageapi.kernel import mount as kmount
 
@@ -56,3 +57,17 @@ def unmount(mountpoint: Path) -> None:
         if exc.errno == errno.EBUSY:
             raise Conflict(describe_oserror(exc, f"cannot unmount {mountpoint} (in use)")) from exc
         raise SystemFault(describe_oserror(exc, f"cannot unmount {mountpoint}")) from exc
+
+
+class MountpointDriver(Driver):
+    """A mount kind that mounts something on a fresh `mount_*` directory of its own."""
+
+    collection = "mount"
+
+    def __init__(self, mount_dir: Path) -> None:
+        self.mount_dir = mount_dir
+
+    def destroy(self, node: Node) -> None:
+        target = Path(node.state["mountpoint"])
+        unmount(target)
+        remove_dir(target)

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from imageapi.drivers import checks
-from imageapi.drivers.base import Driver, Need, Node, Spec, State
-from imageapi.drivers.mountpoints import fresh_dir, mount_error, remove_dir, unmount
+from imageapi.drivers.base import Need, Node, Spec, State
+from imageapi.drivers.mountpoints import MountpointDriver, fresh_dir, mount_error, remove_dir
 from imageapi.errors import BadRequest, describe_oserror
 from imageapi.kernel import mount as kmount
 
@@ -33,13 +33,9 @@ def generic_need(item: object, slot: str) -> Need:
                 spec=None if ref is not None else definition)
 
 
-class OverlayMount(Driver):
-    collection = "mount"
+class OverlayMount(MountpointDriver):
     kind = "overlay"
     noun = "overlay mount"
-
-    def __init__(self, mount_dir: Path) -> None:
-        self.mount_dir = mount_dir
 
     def normalize(self, spec: Spec) -> Spec:
         lower = spec.get("lower")
@@ -74,9 +70,7 @@ class OverlayMount(Driver):
         return {"mountpoint": str(target), "upperdir": str(upper), "workdir": str(work)}
 
     def destroy(self, node: Node) -> None:
-        target = Path(node.state["mountpoint"])
-        unmount(target)
-        remove_dir(target)
+        super().destroy(node)
         remove_dir(Path(node.state["upperdir"]), tree=True)
         remove_dir(Path(node.state["workdir"]), tree=True)
 

@@ -9,23 +9,18 @@ after the attachment kind; everything else is the same.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, ClassVar
 
 from imageapi.drivers import checks
-from imageapi.drivers.base import Driver, Need, Node, Spec, State
-from imageapi.drivers.mountpoints import fresh_dir, mount_error, remove_dir, unmount
+from imageapi.drivers.base import Need, Node, Spec, State
+from imageapi.drivers.mountpoints import MountpointDriver, fresh_dir, mount_error, remove_dir
 from imageapi.errors import BadRequest
 from imageapi.kernel import mount as kmount
 
 
-class DeviceMount(Driver):
-    collection = "mount"
+class DeviceMount(MountpointDriver):
     # Which attachment kind this mounts, and the request fields naming it.
     source_kind: ClassVar[str]
-
-    def __init__(self, mount_dir: Path) -> None:
-        self.mount_dir = mount_dir
 
     def normalize(self, spec: Spec) -> Spec:
         out: Spec = {
@@ -67,11 +62,6 @@ class DeviceMount(Driver):
             remove_dir(target)
             raise mount_error(exc, f"cannot mount {source} ({node.spec['fs_type']})") from exc
         return {"mountpoint": str(target)}
-
-    def destroy(self, node: Node) -> None:
-        target = Path(node.state["mountpoint"])
-        unmount(target)
-        remove_dir(target)
 
     def render(self, node: Node, embed: Callable[[Node], dict[str, Any]]) -> dict[str, Any]:
         _need, source = node.needs[0]
