@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 
-# systemd: systemd-analyze checks systemd/imageapi.service offline (tests/test_service.py).
-ensure_debs squashfs-tools fuse3 libfuse3-3 util-linux busybox-static kmod debootstrap systemd-container \
-  systemd
+# debootstrap: the systemd test image; systemd-container: nspawn, the benchmark's peer;
+# systemd: systemd-analyze checks the unit offline; curl, jq: README's walkthrough, run as written.
+ensure_debs squashfs-tools fuse3 libfuse3-3 util-linux busybox-static kmod debootstrap \
+  systemd-container systemd curl jq
 load_modules loop squashfs overlay fuse
 ensure_venv "[test]"
 
