@@ -211,9 +211,14 @@ class Container:
 
     def remove(self) -> None:
         """Stop it if it runs, then forget it (the log file stays, for the record)."""
-        self.stop(wait=True)
         with self._lock:
-            self._removed = True
+            self._removed = True  # first: a start racing with this delete must not win
+        try:
+            self.stop(wait=True)
+        except BaseException:
+            with self._lock:
+                self._removed = False  # it stays (the graph keeps the object): usable again
+            raise
         self.log.event("container deleted")
 
 
