@@ -300,3 +300,24 @@ def test_time_namespace_takes_the_general_path(stack: Stack) -> None:
     assert ns_ids(c["pid"])["pid"] != ns_ids("self")["pid"]
     assert Path(f"/proc/{c['pid']}/comm").read_text().strip() == "sleep"
     api.delete(f"/container/{c['id']}")
+
+
+@pytest.mark.parametrize(("systemd", "options", "says"), [
+    (True, ["ro"], "read-only"),  # a bare squashfs has no /var/lib/journal to mount on
+    (False, ["ro", "noexec"], "noexec"),
+])
+def test_image_that_cannot_run_it_is_refused_at_create(
+    stack: Stack, systemd: bool, options: list[str], says: str
+) -> None:
+    api = stack.api
+    mount = api.post("/mount/rbd", {"fs_type": "squashfs", "mount_options": options,
+                                    "rbd": stack.rbd_spec(image="base", pool="images")})
+    logs_before = hostview.tree(stack.server.run_dir / "logs")
+    reply = api.request("POST", "/container", 400, json={
+        "mount": {"kind": "rbd", "mount_id": mount["id"]}, "command": "/bin/true",
+        "systemd": systemd, "state": "running",
+    }).json()
+    assert says in reply["message"], reply
+    assert api.get("/container") == []
+    assert hostview.tree(stack.server.run_dir / "logs") == logs_before
+    api.delete(f"/mount/rbd/{mount['id']}")

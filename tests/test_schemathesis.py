@@ -151,20 +151,7 @@ SEMANTIC_400: dict[str, str] = {
 
 # Open bugs, reported, whose 500s `not_a_server_error` would report on every run: message
 # pattern -> the report. Delete an entry once its bug is fixed (the test warns while any exist).
-KNOWN_BUGS: dict[str, str] = {
-    r"container \d+ did not start: SetupError: the image has no \S+ and it cannot be made: "
-    r".*Read-only file system":
-        "systemd: true on a read-only root that lacks /run, /tmp or /var/lib/journal (e.g. a "
-        "squashfs mount) is a 500 at start; it is the request's doing (a 400, refused at "
-        "create like a missing entrypoint). Repro: POST /attach/rbd, POST /mount/rbd "
-        "{fs_type: squashfs}, POST /container {mount: {kind: rbd, mount_id: M}, command: "
-        "/bin/true, systemd: true, state: running}",
-    r"container \d+ did not start: EACCES: Permission denied":
-        "a container on a mount made with `noexec` cannot exec its entrypoint: a 500 at start; "
-        "it is the request's doing (a 400, refused at create). Repro: POST /mount/rbd "
-        "{rbd: ..., fs_type: squashfs, mount_options: [noexec]}, POST /container {mount: "
-        "{kind: rbd, mount_id: M}, command: /bin/true, state: running}",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 # The contract accepts the request shapes of the seed walkthrough as aliases (facts sheet,
 # "Legacy request shapes"), which the spec cannot describe. `negative_data_rejection` sees them

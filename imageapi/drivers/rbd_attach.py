@@ -157,7 +157,7 @@ class RbdAttach(Driver):
         dev_id = node.state["device_id"]
         force = bool(node.spec["options"].get("force"))
         try:
-            self.krbd.remove(dev_id, force=force)
+            _retry_busy(lambda: self.krbd.remove(dev_id, force=force))
         except OSError as exc:
             if exc.errno == errno.ENOENT and not isinstance(exc, KrbdUnavailable):
                 log.warning("rbd%d was already unmapped outside imageapi", dev_id)
@@ -297,6 +297,24 @@ def _map_error(exc: OSError, spec: Spec, image: str) -> Exception:
         mons = ", ".join(spec["monitors"])
         return SystemFault(f"ETIMEDOUT: no monitor answered ({mons})")
     return SystemFault(describe_oserror(exc, f"cannot map {image}"))
+
+
+def _retry_busy(action: Callable[[], None], patience: float = 2.0) -> None:
+    """Run `action`, retrying a short while on EBUSY.
+
+    A container that is starting holds copies of every host mount in its new mount namespace
+    for the few milliseconds until it pivots into its image; a device unmounted on the host in
+    that window stays busy until then.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            action()
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.05)
 
 
 def _wait_for_block_node(device: Path, timeout: float) -> None:

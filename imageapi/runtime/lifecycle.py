@@ -22,10 +22,11 @@ from typing import Any
 from imageapi.errors import BadRequest, NotFound, SystemFault
 from imageapi.kernel import mount as kmount
 from imageapi.kernel.ns import NAMESPACE_FLAGS, syncfs
+from imageapi.runtime import rootfs
 from imageapi.runtime.cgroups import CgroupTree
 from imageapi.runtime.client import Helper, StartFailed
 from imageapi.runtime.logfile import ContainerLog
-from imageapi.runtime.paths import CLEAN_PATH, find_entrypoint
+from imageapi.runtime.paths import CLEAN_PATH, check_mountpoints, find_entrypoint
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ class Container:
         root = self.plan.root
         if not os.path.isdir(root) or not kmount.is_mountpoint(root):
             raise BadRequest(f"the container's root {root} is not a mounted directory")
+        check_mountpoints(root, rootfs.MOUNTPOINTS + (rootfs.SYSTEMD_MOUNTPOINTS
+                                                      if self.plan.systemd else ()))
         say("validating init")
         return find_entrypoint(root, self.plan.exe)
 

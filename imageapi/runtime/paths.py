@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 
 from imageapi.errors import BadRequest
 
@@ -62,6 +63,30 @@ def find_entrypoint(root: str, word: str) -> str:
             raise BadRequest(f"command: {candidate} in the image is not a regular file")
         if not st.st_mode & 0o111:
             raise BadRequest(f"command: {candidate} in the image is not executable")
+        if os.statvfs(host).f_flag & os.ST_NOEXEC:
+            raise BadRequest(f"command: {candidate} is on a filesystem mounted noexec")
         return candidate
     where = word if "/" in word else f"{word} (searched {CLEAN_PATH})"
     raise BadRequest(f"command: {where} does not exist in the image")
+
+
+def check_mountpoints(root: str, paths: Iterable[str]) -> None:
+    """Each path must be a directory in the image, or the image writable so it can be made.
+
+    Raises BadRequest: a read-only image (a bare squashfs) lacking /run, say, is the request's
+    doing, to be refused before anything runs.
+    """
+    for path in paths:
+        try:
+            host = resolve_in_root(root, path)
+        except FileNotFoundError:
+            if not os.access(root, os.W_OK):  # a read-only filesystem answers EROFS
+                raise BadRequest(
+                    f"the image has no {path} and is read-only, so it cannot be made; "
+                    "run the container on an overlay of it"
+                ) from None
+            continue
+        except OSError as exc:
+            raise BadRequest(f"{path} in the image cannot be resolved: {exc.strerror}") from None
+        if not os.path.isdir(host):
+            raise BadRequest(f"{path} in the image is not a directory")

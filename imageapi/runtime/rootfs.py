@@ -28,6 +28,9 @@ DEV_LINKS = [("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/sel
 PROC_MASKED_FILES = ["kcore", "keys", "timer_list", "sched_debug", "latency_stats"]
 PROC_MASKED_DIRS = ["acpi", "scsi"]
 PROC_READ_ONLY = ["sys", "sysrq-trigger", "irq", "bus", "fs"]
+# Where `prepare` mounts, to be checked (or made) in the image before anything runs.
+MOUNTPOINTS = ("/proc", "/dev", "/sys")
+SYSTEMD_MOUNTPOINTS = ("/run", "/tmp", "/var/lib/journal")
 
 
 class SetupError(Exception):
