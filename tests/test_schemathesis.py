@@ -104,6 +104,14 @@ EXCLUDED_CHECKS: dict[str, str] = {}
 # variants of a shared definition) or depend on the cluster, the image and the kernel, which no
 # schema knows. Those 400s, and only those, are not failures: message pattern -> reason.
 SEMANTIC_400: dict[str, str] = {
+    r"the image has no \S+ and is read-only, so it cannot be made; run the container on an "
+    r"overlay of it":
+        "a systemd container needs /run, /tmp, /var/lib/journal in its image: a property of the "
+        "image's files, not of the request's shape",
+    r"command: \S+ is on a filesystem mounted noexec":
+        "the container's mount was made with `noexec`: a property of another object",
+    r"\S+ in the image (is not a directory|cannot be resolved)":
+        "where the container's filesystems go must be directories in the image: its files",
     r"options\.(name|secret): required to map an rbd image":
         "cephx name and secret are needed to map, yet `options` is optional in the contract's "
         "rbd object (tests/test_spec.py pins its `required`)",
