@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,12 +152,15 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
+def start_server(
+    run_dir: Path, *extra: str, env: dict[str, str] | None = None, wrapper: Sequence[str] = ()
+) -> Server:
+    """A real server process; `wrapper` runs it under another command (e.g. setpriv)."""
     port = free_port()
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}-server.log"
     cmd = [
-        sys.executable, "-m", "imageapi", "--scheme", "http", "--host", "127.0.0.1",
+        *wrapper, sys.executable, "-m", "imageapi", "--scheme", "http", "--host", "127.0.0.1",
         "--port", str(port), "--run-dir", str(run_dir), *extra,
     ]
     with open(log, "wb") as out:

@@ -30,7 +30,7 @@ from imageapi import cli
 from imageapi.notify import Notifier
 from imageapi.runtime.init import DROPPED_CAPS
 from tests import hostview
-from tests.conftest import Server
+from tests.conftest import Server, start_server
 from tests.test_http_layer import Proc, free_port, spawn, spawn_command
 
 REPO = Path(__file__).resolve().parent.parent
@@ -554,28 +554,8 @@ def unit_drops() -> list[str]:
 def start_bounded_server(run_dir: Path, *extra: str) -> Server:
     """conftest.start_server, under the unit's capability bounding set (systemd applies it the
     same way: to the process it executes, and so to all that process starts)."""
-    port = free_port()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = run_dir.parent / f"{run_dir.name}-server.log"
-    command = [
-        "setpriv", "--bounding-set=" + ",".join(f"-{cap}" for cap in unit_drops()),
-        sys.executable, "-m", "imageapi", "--scheme", "http", "--host", "127.0.0.1",
-        "--port", str(port), "--run-dir", str(run_dir), *extra,
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "IMAGEAPI_LOGLEVEL": "DEBUG"})
-    server = Server(proc, f"http://127.0.0.1:{port}", run_dir, log)
-    deadline = time.monotonic() + 30
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{server.url}{BASE}/swagger.json", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    server.stop()
-    raise RuntimeError(f"server did not start:\n{server.log_text()}")
+    drops = "--bounding-set=" + ",".join(f"-{cap}" for cap in unit_drops())
+    return start_server(run_dir, *extra, wrapper=["setpriv", drops])
 
 
 def bounding_set(pid: int) -> int:
