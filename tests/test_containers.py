@@ -4,6 +4,7 @@ flow, exit statuses, stop timeouts and bad input — real processes in real name
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,28 @@ def test_output_goes_to_the_log(stack: Stack) -> None:
     for word in ("to-stdout", "to-stderr", "to-console"):
         assert word in log
     api.delete(f"/container/{c['id']}")
+
+
+def test_event_lines_start_a_line_after_output_left_mid_line(stack: Stack) -> None:
+    api = stack.api
+    c = api.post("/container", {
+        "mount": overlay_spec(stack), "state": "running",
+        "command": "/bin/sh -c 'printf \"prompt> \"; printf \"console> \" > /dev/console; "
+                   "exec sleep 1000'",
+    })
+    log = Path(c["logfile"])
+    deadline = time.monotonic() + 20
+    while "console> " not in log.read_text() or "prompt> " not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
+    api.delete(f"/container/{c['id']}")
+    lines = log.read_text().splitlines()
+    assert any(line.endswith("> ") for line in lines), lines  # the output, left as it was
+    events = [line for line in lines if f"container({c['id']}):" in line]
+    assert len(events) >= 3, lines  # created, starting, stopped
+    for line in events:
+        assert re.match(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d container\(", line), lines
+    assert log.read_text().endswith("\n")
 
 
 BAD: dict[str, tuple[Any, int, str]] = {

@@ -24,8 +24,13 @@ class ContainerLog:
     def event(self, message: str) -> None:
         line = f"{stamp()} container({self.cid}): {message}\n".encode()
         # O_APPEND: the container's own output is written to the same file concurrently.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
+            # A console left mid-line (a prompt, output without a newline): start a line of
+            # our own, so that every event line stays one line that begins with its stamp.
+            end = os.fstat(fd).st_size
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                line = b"\n" + line
             os.write(fd, line)
         finally:
             os.close(fd)
