@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
+import sys
 from dataclasses import dataclass
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -20,6 +22,15 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_statx = getattr(_libc, "statx", None)  # glibc >= 2.28
+if _statx is not None:
+    _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+
+AT_FDCWD = -100
+STATX_ATTR_MOUNT_ROOT = 0x2000  # Linux >= 5.8
+_STATX_SIZE = 256  # struct statx
+_STATX_ATTRIBUTES = slice(8, 16)  # u64 stx_attributes
+_STATX_ATTRIBUTES_MASK = slice(56, 64)  # u64 stx_attributes_mask: what this kernel reports
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -160,9 +171,37 @@ def mount_flags(path: str) -> int:
 
 
 def is_mountpoint(path: str) -> bool:
-    """True when `path` is the root of a mount, judged by /proc/self/mountinfo."""
+    """True when `path` (symlinks followed) is the root of a mount.
+
+    statx's STATX_ATTR_MOUNT_ROOT answers in microseconds, where reading mountinfo takes a
+    quarter of a millisecond (a container start asks twice); mountinfo is the fallback for a
+    kernel or libc without it.
+    """
+    try:
+        attributes = _statx_attributes(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if attributes is not None:
+        value, known = attributes
+        if known & STATX_ATTR_MOUNT_ROOT:
+            return bool(value & STATX_ATTR_MOUNT_ROOT)
     real = os.path.realpath(path)
     return any(entry.mountpoint == real for entry in mountinfo())
+
+
+def _statx_attributes(path: str) -> tuple[int, int] | None:
+    """(stx_attributes, stx_attributes_mask) of `path`, or None without statx."""
+    if _statx is None:
+        return None
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if _statx(AT_FDCWD, os.fsencode(path), 0, 0, buf) != 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            return None
+        raise OSError(err, os.strerror(err), path)
+    raw = buf.raw
+    return (int.from_bytes(raw[_STATX_ATTRIBUTES], sys.byteorder),
+            int.from_bytes(raw[_STATX_ATTRIBUTES_MASK], sys.byteorder))  # fmt: skip
 
 
 @dataclass(frozen=True)
