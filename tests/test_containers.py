@@ -219,13 +219,17 @@ def test_deleting_a_running_container_stops_it_first(stack: Stack) -> None:
     api.delete(f"/mount/overlay/{ovl['id']}")
 
 
+def run_on_new_overlay(stack: Stack, command: str) -> dict[str, Any]:
+    """A running container on an inline overlay of the cluster's image."""
+    return stack.api.post(
+        "/container", {"mount": overlay_spec(stack), "state": "running", "command": command}
+    )
+
+
 def test_output_goes_to_the_log(stack: Stack) -> None:
     api = stack.api
-    c = api.post("/container", {
-        "mount": overlay_spec(stack), "state": "running",
-        "command": "/bin/sh -c 'echo to-stdout; echo to-stderr >&2; "
-                   "echo to-console > /dev/console'",
-    })
+    c = run_on_new_overlay(stack, "/bin/sh -c 'echo to-stdout; echo to-stderr >&2; "
+                                  "echo to-console > /dev/console'")
     wait_state(stack, f"/container/{c['id']}", {"exited"})
     log = Path(c["logfile"]).read_text()
     for word in ("to-stdout", "to-stderr", "to-console"):
@@ -235,11 +239,8 @@ def test_output_goes_to_the_log(stack: Stack) -> None:
 
 def test_event_lines_start_a_line_after_output_left_mid_line(stack: Stack) -> None:
     api = stack.api
-    c = api.post("/container", {
-        "mount": overlay_spec(stack), "state": "running",
-        "command": "/bin/sh -c 'printf \"prompt> \"; printf \"console> \" > /dev/console; "
-                   "exec sleep 1000'",
-    })
+    c = run_on_new_overlay(stack, "/bin/sh -c 'printf \"prompt> \"; "
+                                  "printf \"console> \" > /dev/console; exec sleep 1000'")
     log = Path(c["logfile"])
     deadline = time.monotonic() + 20
     while "console> " not in log.read_text() or "prompt> " not in log.read_text():

@@ -37,12 +37,40 @@ START_TIMEOUT = 60.0
 
 
 @dataclass
+class Console:
+    """A pty: the container's /dev/console is the slave (`path`); we read the master."""
+
+    master: int
+    slave: int
+    path: str
+
+    @classmethod
+    def open(cls) -> Console:
+        master, slave = os.openpty()
+        for fd in (master, slave):
+            os.set_inheritable(fd, False)
+        os.set_blocking(master, False)
+        return cls(master, slave, os.ttyname(slave))
+
+    def close(self) -> None:
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@dataclass
 class Spare:
-    """A container init forked ahead of time, waiting for its request (see runtime.init)."""
+    """A container init forked ahead of time, waiting for its request (see runtime.init),
+    with its console made ahead of time too: a start only writes the request."""
 
     pid: int
     request_w: int
     report_r: int
+    console: Console
+
+    def discard(self) -> None:
+        os.close(self.request_w)  # end of file: a waiting spare exits
+        os.close(self.report_r)
+        self.console.close()
 
 
 @dataclass
@@ -76,27 +104,27 @@ class Helper:
         self.daemon_here = False
         self.sock.close()
         if self.spare is not None:
-            os.close(self.spare.request_w)  # end of file: the spare exits
-            os.close(self.spare.report_r)
+            self.spare.discard()
             self.spare = None
 
     def start(self, request: dict[str, object]) -> None:
         cid = int(request["id"])  # type: ignore[call-overload]
-        log_fd = os.open(str(request["log"]), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        master, slave = os.openpty()
-        for fd in (master, slave):
-            os.set_inheritable(fd, False)
-        os.set_blocking(master, False)
-        request["console"] = os.ttyname(slave)
         spare = self.spare
         if spare is not None and not int(request["flags"]) & CLONE_NEWTIME:  # type: ignore[call-overload]
             # A time namespace only applies to children: the spare, already PID 1, can't.
             self.spare = None
+            console = spare.console
+            request["console"] = console.path
             os.write(spare.request_w, json.dumps(request).encode())
             os.close(spare.request_w)
+            # The spare is on its way; what is only ours to hold comes after.
+            log_fd = os.open(str(request["log"]), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             _, error = self._read_report(spare.report_r)
             init_pid: int | None = spare.pid
         else:
+            log_fd = os.open(str(request["log"]), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            console = Console.open()
+            request["console"] = console.path
             report_r, report_w = os.pipe2(os.O_CLOEXEC)
             pid = os.fork()
             if pid == 0:
@@ -106,14 +134,14 @@ class Helper:
             os.close(report_w)
             init_pid, error = self._read_report(report_r)
         if init_pid is None or error is not None:
-            for fd in (log_fd, master, slave):
-                os.close(fd)
+            os.close(log_fd)
+            console.close()
             self.send({"op": "failed", "id": cid, "error": error or "the container did not start"})
             return
         # The slave stays open here: a pty whose slave side is closed reads as hung up.
-        record = Running(cid, log_fd, master, slave)
+        record = Running(cid, log_fd, console.master, console.slave)
         self.running[init_pid] = record
-        self.consoles[master] = record
+        self.consoles[console.master] = record
         self.send({"op": "started", "id": cid, "pid": init_pid})
 
     def make_spare(self) -> None:
@@ -135,7 +163,7 @@ class Helper:
         ready, _, _ = select.select([report_r], [], [], START_TIMEOUT)
         line = os.read(report_r, 4096).decode(errors="replace") if ready else ""
         if line.startswith("P"):
-            self.spare = Spare(int(line[1:].split()[0]), request_w, report_r)
+            self.spare = Spare(int(line[1:].split()[0]), request_w, report_r, Console.open())
             return
         print(f"imageapi-helper: no spare init: {line[1:].strip() or 'timed out'}",
               file=sys.stderr, flush=True)
@@ -175,8 +203,7 @@ class Helper:
             if pid == 0:
                 return
             if self.spare is not None and pid == self.spare.pid:
-                os.close(self.spare.request_w)
-                os.close(self.spare.report_r)
+                self.spare.discard()
                 self.spare = None  # it died waiting; another is made after the next start
             record = self.running.pop(pid, None)
             if record is None:
