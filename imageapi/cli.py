@@ -11,6 +11,9 @@ timeouts of `imageapi.config.Settings`.
 SIGTERM or SIGINT: stop accepting, let in-flight requests finish, exit 0. A second SIGINT or
 SIGTERM stops waiting for them. Running containers and their mounts are left alone.
 
+Socket activation (`systemd/imageapi.socket`, `imageapi.activation`): when the service manager
+passes listening sockets, they are the listeners and `--scheme` is not used.
+
 Under systemd (`systemd/imageapi.service`, `Type=notify`): `READY=1` once every listener's
 server has started (the app's startup ran, accepting is armed on every socket), `STOPPING=1`
 when a signal begins the shutdown; with `Delegate=yes` the daemon first moves itself into a
@@ -37,7 +40,7 @@ from typing import Any
 
 import uvicorn
 
-from imageapi import delegation
+from imageapi import activation, delegation
 from imageapi.config import DEFAULT_RUN_DIR, Settings
 from imageapi.notify import Notifier
 
@@ -254,6 +257,37 @@ def tcp_label(scheme: str, sock: socket.socket) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
+def tls_options(args: argparse.Namespace) -> dict[str, Any]:
+    tls: dict[str, Any] = {
+        "ssl_certfile": os.fspath(args.tls_certificate),
+        "ssl_keyfile": os.fspath(args.tls_key),
+    }
+    if args.tls_ca:
+        tls["ssl_ca_certs"] = os.fspath(args.tls_ca)
+        tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return tls
+
+
+def activated_listeners(
+    args: argparse.Namespace, sockets: Sequence[socket.socket]
+) -> list[Listener]:
+    """Listeners on sockets the service manager passed: a unix socket serves plain HTTP; an IP
+    socket serves https when --tls-certificate and --tls-key are given, else http. The socket
+    files are the manager's: we never remove them."""
+    listeners = []
+    for sock in sockets:
+        if sock.family == socket.AF_UNIX:
+            name = sock.getsockname()
+            if isinstance(name, bytes):  # an abstract address
+                name = "@" + name[1:].decode(errors="replace")
+            listeners.append(Listener(f"unix:{name}", sock))
+        elif args.tls_certificate and args.tls_key:
+            listeners.append(Listener(tcp_label("https", sock), sock, tls_options(args)))
+        else:
+            listeners.append(Listener(tcp_label("http", sock), sock))
+    return listeners
+
+
 def open_listeners(args: argparse.Namespace) -> list[Listener]:
     listeners: list[Listener] = []
     try:
@@ -263,14 +297,7 @@ def open_listeners(args: argparse.Namespace) -> list[Listener]:
                 listeners.append(Listener(tcp_label("http", sock), sock))
             elif scheme == "https":
                 sock = bind_tcp(args.tls_host or args.host, args.tls_port)
-                tls: dict[str, Any] = {
-                    "ssl_certfile": os.fspath(args.tls_certificate),
-                    "ssl_keyfile": os.fspath(args.tls_key),
-                }
-                if args.tls_ca:
-                    tls["ssl_ca_certs"] = os.fspath(args.tls_ca)
-                    tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
-                listeners.append(Listener(tcp_label("https", sock), sock, tls))
+                listeners.append(Listener(tcp_label("https", sock), sock, tls_options(args)))
             else:
                 sock, ino = bind_unix(args.socket_path)
                 listeners.append(
@@ -381,10 +408,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before anything is started: the helper (hence every container) must neither inherit
     # $NOTIFY_SOCKET nor be born in the delegated cgroup's top, where processes cannot stay.
     notifier = Notifier.from_environ()
+    try:
+        activated = activation.take_sockets()
+    except activation.ActivationError as exc:
+        log.error("cannot start: socket activation: %s", exc)
+        return 1
     settings = settings_from(args, delegation.settle())
     try:
         prepare_dirs(settings)
-        listeners = open_listeners(args)
+        if activated:
+            log.info("socket activation: serving the %d socket(s) passed by the service "
+                     "manager; --scheme is not used", len(activated))
+            listeners = activated_listeners(args, activated)
+        else:
+            listeners = open_listeners(args)
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,24 +69,34 @@ class Proc:
             raise
 
 
-def spawn(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Proc:
-    """Start the server with temporary state directories; `args` chooses the listeners."""
+def spawn(
+    tmp: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    wrapper: Sequence[str] = (),
+    pass_fds: Sequence[int] = (),
+) -> Proc:
+    """Start the server with temporary state directories; `args` chooses the listeners;
+    `wrapper` runs it under another command, which gets `pass_fds`."""
     (tmp / "dev").mkdir(exist_ok=True)
     command = [
-        sys.executable, "-m", "imageapi",
+        *wrapper, sys.executable, "-m", "imageapi",
         "--run-dir", str(tmp / "run"),
         "--rbd-sysfs", str(tmp / "no-rbd-sysfs"),
         "--dev-dir", str(tmp / "dev"),
         *args,
     ]  # fmt: skip
-    return spawn_command(command, env)
+    return spawn_command(command, env, pass_fds)
 
 
-def spawn_command(command: list[str], env: dict[str, str] | None = None) -> Proc:
+def spawn_command(
+    command: list[str], env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()
+) -> Proc:
     """Run `command` with its output collected line by line in the background."""
     popen = subprocess.Popen(
         command,
         cwd=REPO,
+        pass_fds=pass_fds,
         env={**os.environ, "IMAGEAPI_LOGLEVEL": "INFO", **(env or {})},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

@@ -35,6 +35,7 @@ from tests.test_http_layer import Proc, free_port, spawn, spawn_command
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "imageapi.service"
+SOCKET_UNIT = REPO / "systemd" / "imageapi.socket"
 ENV_FILE = REPO / "systemd" / "imageapi.env"
 BASE = "/imageapi/v1"
 INSTALLED_SERVER = "/opt/imageapi/bin/imageapi-server"
@@ -77,8 +78,10 @@ def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
     assert INSTALLED_SERVER in text
     copy = tmp_path / "imageapi.service"
     copy.write_text(text.replace(INSTALLED_SERVER, str(server)))
-    result = subprocess.run([analyze, "verify", "--man=no", str(copy)], capture_output=True,
-                            text=True, timeout=60)
+    socket_unit = tmp_path / SOCKET_UNIT.name  # beside the service it activates
+    shutil.copy(SOCKET_UNIT, socket_unit)
+    result = subprocess.run([analyze, "verify", "--man=no", str(copy), str(socket_unit)],
+                            capture_output=True, text=True, timeout=60)
     # verify exits 0 on unknown keys and unparsable values, and only says so: demand silence.
     assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
         f"rc={result.returncode}\n{result.stdout}{result.stderr}"
@@ -429,6 +432,126 @@ def test_notifier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Gone manager: a warning, not an exception.
     assert notifier.send("STOPPING=1") is False
     assert Notifier("relative/name").enabled is False
+
+
+# -- socket activation ------------------------------------------------------------------------
+
+# Runs a command the way systemd starts an activated service: the given descriptors become
+# 3, 4, ... and LISTEN_PID/LISTEN_FDS name them (for this very pid: exec keeps it).
+ACTIVATE = """
+import fcntl, os, sys
+split = sys.argv.index("--")
+fds = [int(fd) for fd in sys.argv[1:split]]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]  # out of the way of 3, 4, ...
+for n, fd in enumerate(high):
+    os.dup2(fd, 3 + n)  # inheritable
+    os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
+os.execv(sys.argv[split + 1], sys.argv[split + 1:])
+"""
+
+
+def activated(*sockets: socket.socket | int) -> dict[str, Any]:
+    """spawn() arguments that pass `sockets` (or descriptors) as systemd would."""
+    fds = [s if isinstance(s, int) else s.fileno() for s in sockets]
+    return {"wrapper": [sys.executable, "-c", ACTIVATE, *map(str, fds), "--"], "pass_fds": fds}
+
+
+def inode(sock: socket.socket) -> int:
+    return os.fstat(sock.fileno()).st_ino
+
+
+def test_socket_activation_serves_the_passed_sockets(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    unix_path = tmp_path / "api.sock"
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(str(unix_path))
+    unix_path.chmod(0o600)
+    unix.listen()
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen()
+    port = tcp.getsockname()[1]
+    unused = tmp_path / "flag.sock"
+    before = os.lstat(unix_path).st_ino
+    # The listener flags are not used when sockets are passed.
+    proc = spawn(tmp_path, "--scheme", "unix", "--socket-path", str(unused), "--scheme", "http",
+                 "--port", str(free_port()), env=notify_socket.env, **activated(unix, tcp))
+    try:
+        notice = notify_socket.receive()
+        assert "READY=1" in notice, proc.log
+        assert f"STATUS=accepting connections on unix:{unix_path}, http://127.0.0.1:{port}" in (
+            notice), notice
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(unix_path)), timeout=10) as c:
+            assert c.get(f"http://localhost{BASE}/container").json() == []
+        assert httpx.get(f"http://127.0.0.1:{port}{BASE}/attach/rbd", timeout=10).json() == []
+        assert not unused.exists()
+        assert "--scheme is not used" in proc.log
+        # Neither the variables nor the sockets reach the helper (hence any container).
+        helpers = hostview.descendants(proc.popen.pid)
+        assert helpers, "no container helper"
+        for pid in helpers:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert not [v for v in environ if v.startswith(b"LISTEN_")], pid
+            assert not {inode(unix), inode(tcp)} & set(socket_fds(pid)), pid
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.log
+    # The socket is the manager's: still there, the same one, and clients still queue on it
+    # while no daemon runs (what makes a restart invisible to them).
+    assert os.lstat(unix_path).st_ino == before
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(5)
+        client.connect(str(unix_path))
+    unix.close()
+    tcp.close()
+
+
+@pytest.mark.parametrize("case", ["file", "datagram", "not-listening"])
+def test_socket_activation_refuses_what_it_cannot_serve(tmp_path: Path, case: str) -> None:
+    if case == "file":
+        passed: Any = open(tmp_path / "file", "w")  # noqa: SIM115 - closed below
+        expected = "not a socket"
+    elif case == "datagram":
+        passed = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        passed.bind(str(tmp_path / "dgram.sock"))
+        expected = "not a listening stream socket"
+    else:
+        passed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        expected = "not a listening stream socket"
+    unused = tmp_path / "flag.sock"
+    try:
+        proc = spawn(tmp_path, "--scheme", "unix", "--socket-path", str(unused),
+                     **activated(passed.fileno()))
+    finally:
+        passed.close()
+    try:
+        code = proc.popen.wait(30)
+        proc.drained.wait(5)
+    finally:
+        proc.stop()  # a no-op once it has exited
+    assert code == 1, proc.log
+    assert f"socket activation: file descriptor 3 (LISTEN_FDS): {expected}" in proc.log
+    assert not unused.exists()
+
+
+def test_socket_activation_variables_for_another_process_are_ignored(tmp_path: Path) -> None:
+    """$LISTEN_PID names another process (the variables were inherited): bind as told."""
+    path = tmp_path / "api.sock"
+    proc = spawn(tmp_path, "--scheme", "unix", "--socket-path", str(path),
+                 env={"LISTEN_PID": "1", "LISTEN_FDS": "1"})
+    try:
+        proc.wait_for("accepting connections on", count=1)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), timeout=10) as c:
+            assert c.get(f"http://localhost{BASE}/container").json() == []
+        for pid in hostview.descendants(proc.popen.pid):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert not [v for v in environ if v.startswith(b"LISTEN_")], pid
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.log
+    assert not path.exists()
 
 
 # -- the default listener of the unit ----------------------------------------------------------
