@@ -209,14 +209,21 @@ def stop_timeout() -> float:
 
 
 @pytest.fixture(scope="module")
+def server_args() -> list[str]:
+    """More flags for the module's server; a module may override this fixture."""
+    return []
+
+
+@pytest.fixture(scope="module")
 def server(
-    sim: Any, cgroup_root: Path, stop_timeout: float, tmp_path_factory: pytest.TempPathFactory
+    sim: Any, cgroup_root: Path, stop_timeout: float, server_args: list[str],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Server]:
     run_dir = tmp_path_factory.mktemp("imageapi") / "run"
     srv = start_server(
         run_dir, "--rbd-sysfs", str(sim.sysfs), "--dev-dir", str(sim.devdir),
         "--device-timeout", "5", "--stop-timeout", str(stop_timeout),
-        "--cgroup-root", str(cgroup_root),
+        "--cgroup-root", str(cgroup_root), *server_args,
     )
     helpers = hostview.descendants(srv.proc.pid)
     yield srv

@@ -36,6 +36,7 @@ from typing import Any, NoReturn
 
 import prctl
 
+from imageapi.kernel import seccomp
 from imageapi.kernel.ns import CLONE_NEWNET, CLONE_NEWPID, unshare
 from imageapi.runtime import rootfs
 from imageapi.runtime.logfile import stamp
@@ -45,6 +46,12 @@ from imageapi.runtime.logfile import stamp
 # namespace reboot(2) just ends the namespace's init — that is how systemd halts.)
 DROPPED_CAPS = ["sys_module", "sys_rawio", "sys_time", "mac_admin", "mac_override", "syslog",
                 "wake_alarm", "block_suspend", "audit_control"]
+# The "confined" profile keeps only these (a typical container runtime's default set, less
+# mknod): no sys_admin (mounts), dac_read_search (open_by_handle_at), sys_ptrace, sys_module,
+# sys_rawio, net_admin, sys_boot, ... Every other capability, present or future, is dropped.
+CONFINED_CAPS = ["chown", "dac_override", "fowner", "fsetid", "kill", "setgid", "setuid",
+                 "setpcap", "setfcap", "net_bind_service", "net_raw", "sys_chroot",
+                 "audit_write"]
 RESET_SIGNALS = [signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD,
                  signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2]
 
@@ -104,7 +111,9 @@ def _spare(request_fd: int, report_fd: int) -> NoReturn:
         if not chunks:
             os._exit(0)  # the helper went away: nothing to run
         request = json.loads(b"".join(chunks))
-        log_fd = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        # At once: a spare that does not answer in time is taken for stuck and killed.
+        os.write(report_fd, b"R\n")
+        log_fd = _open_log(request["log"])
     except BaseException as exc:
         _report(report_fd, f"E{_describe(exc)}")
         os._exit(1)
@@ -117,7 +126,10 @@ def init_process(
     """PID 1 of the container until it execs the entrypoint; never returns."""
 
     def say(message: str) -> None:
-        os.write(log_fd, f"{stamp()} init: {message}\n".encode())
+        try:
+            os.write(log_fd, f"{stamp()} init: {message}\n".encode())
+        except OSError:
+            pass  # a full log must not stop the container: the helper reports lost output
 
     try:
         prctl.set_name("imageapi-init")
@@ -136,9 +148,16 @@ def init_process(
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         socket.sethostname(request["hostname"])
         rootfs.enter(root, say)
-        for cap in DROPPED_CAPS:
-            if hasattr(prctl.capbset, cap):
-                setattr(prctl.capbset, cap, False)
+        confined = request.get("profile") == "confined"
+        program = seccomp.deny_list() if confined else b""
+        if confined:
+            say("confining: capabilities " + ",".join(CONFINED_CAPS)
+                + "; seccomp deny-list; no new privileges")
+            _confine_capabilities()
+        else:
+            for cap in DROPPED_CAPS:
+                if hasattr(prctl.capbset, cap):
+                    setattr(prctl.capbset, cap, False)
         null = os.open("/dev/null", os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(log_fd, 1)
@@ -151,6 +170,8 @@ def init_process(
         for sig in RESET_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if confined:
+            seccomp.install(program)  # last: the filter must not see our own setup
         os.execve(request["exe"], request["argv"], request["env"])
     except BaseException as exc:
         text = _describe(exc)
@@ -160,6 +181,28 @@ def init_process(
             pass
         _report(report_fd, f"E{text}")
         os._exit(127)
+
+
+def _open_log(path: str) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError:
+        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)  # the helper said why
+
+
+def _confine_capabilities() -> None:
+    """Bounding set down to CONFINED_CAPS, inheritable set empty: root's exec then gets just
+    those (its ambient set empties with the inheritable one)."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    if last > prctl.CAP_LAST_CAP:  # fail closed: a capability we cannot name is one we keep
+        raise OSError(errno.ENOTSUP, f"the kernel has capabilities up to {last}; python-prctl "
+                      f"knows up to {prctl.CAP_LAST_CAP}: cannot confine")
+    keep = {getattr(prctl, f"CAP_{name.upper()}") for name in CONFINED_CAPS}
+    for cap in range(last + 1):
+        if cap not in keep:
+            prctl.capbset_drop(cap)
+    prctl.cap_inheritable.limit()
 
 
 def max_fd() -> int:

@@ -9,6 +9,12 @@ It is a child subreaper, so each container's PID 1 becomes its child once the se
 exits; it reaps them and reports their exit status. It also relays each container's
 /dev/console (a pty) into the container's log file.
 
+It never waits on one container: every start is a pipe in its one `select` loop with a
+deadline, so a start that hangs (a stopped spare, a mount that blocks) delays no other. A spare
+must acknowledge its request within `SPARE_ANSWER_TIMEOUT`; one that does not is killed and the
+request goes the general way. A log that cannot be written (a full disk) loses output, counted
+and reported once, but never stops the helper.
+
 Protocol on the inherited SOCK_SEQPACKET socket, one JSON object per message:
   daemon -> helper  {"op": "start", "id": N, ...request}   (see imageapi.runtime.client)
   helper -> daemon  {"op": "started", "id": N, "pid": P} | {"op": "failed", "id": N, "error": T}
@@ -19,6 +25,7 @@ and relaying consoles, until the last container it started has ended.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -26,14 +33,40 @@ import select
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 import prctl
 
 from imageapi.kernel.ns import CLONE_NEWTIME
 from imageapi.runtime import init
+from imageapi.runtime.logfile import stamp
 
 START_TIMEOUT = 60.0
+# A waiting spare reads its request at once; one that has not answered by then is stuck
+# (stopped, or starved) and is replaced, the request going the general way.
+SPARE_ANSWER_TIMEOUT = 2.0
+# A request larger than this is not given to a spare: the pipe to it may hold only one page
+# (pipe-user-pages-soft), and a write must never block the loop.
+SPARE_REQUEST_MAX = 4096
+
+
+def say(text: str) -> None:
+    """A line for the daemon's log (our stderr is its); a full disk must not kill us."""
+    try:
+        print(f"imageapi-helper: {text}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def open_log(path: str) -> int:
+    """The container's log, opened for appending; /dev/null when it cannot be (a full disk may
+    refuse even to create it): the container runs anyway."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        say(f"cannot open {path} ({exc.strerror}): the console output is dropped")
+        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
 
 @dataclass
@@ -67,10 +100,45 @@ class Spare:
     report_r: int
     console: Console
 
-    def discard(self) -> None:
-        os.close(self.request_w)  # end of file: a waiting spare exits
+    def discard(self, kill: bool = True) -> None:
+        """Let it go: end of file makes a waiting spare exit, and SIGKILL one that cannot read
+        (stopped); `kill=False` once it has been reaped, when its pid may be another's."""
+        if kill:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.request_w >= 0:
+            os.close(self.request_w)
         os.close(self.report_r)
         self.console.close()
+
+
+@dataclass
+class Making:
+    """A spare being made: its setup process reports the spare's pid on `report_r`."""
+
+    setup_pid: int
+    request_w: int
+    report_r: int
+    deadline: float
+    data: bytes = b""
+
+
+@dataclass
+class Starting:
+    """A start in progress, waiting on the report pipe of its spare or setup process."""
+
+    cid: int
+    request: dict[str, object]
+    report_r: int
+    console: Console
+    log_fd: int
+    deadline: float
+    kill_pid: int  # what to kill if it never finishes: the spare, or the setup process
+    spare: bool  # given to a spare that has not acknowledged it yet
+    init_pid: int | None = None
+    data: bytes = b""
 
 
 @dataclass
@@ -79,6 +147,8 @@ class Running:
     log_fd: int
     master: int | None
     slave: int | None
+    lost: int = 0  # bytes of console output the log could not take (a full disk)
+    lost_why: str = ""
 
 
 class Helper:
@@ -86,7 +156,9 @@ class Helper:
         self.sock = sock
         self.running: dict[int, Running] = {}  # host pid of a container's init -> its record
         self.consoles: dict[int, Running] = {}  # pty master fd -> record
+        self.starting: dict[int, Starting] = {}  # report pipe fd -> start in progress
         self.spare: Spare | None = None
+        self.making: Making | None = None
         self.spares_work = True  # cleared when making one fails: the general path remains
         self.daemon_here = True
 
@@ -106,43 +178,132 @@ class Helper:
         if self.spare is not None:
             self.spare.discard()
             self.spare = None
+        if self.making is not None:
+            os.close(self.making.request_w)  # the spare, once made, sees end of file and exits
+            os.close(self.making.report_r)
+            self.making = None
+
+    # -- starting -----------------------------------------------------------------------------
 
     def start(self, request: dict[str, object]) -> None:
         cid = int(request["id"])  # type: ignore[call-overload]
         spare = self.spare
-        if spare is not None and not int(request["flags"]) & CLONE_NEWTIME:  # type: ignore[call-overload]
-            # A time namespace only applies to children: the spare, already PID 1, can't.
+        time_ns = int(request["flags"]) & CLONE_NEWTIME  # type: ignore[call-overload]
+        # A time namespace only applies to children: the spare, already PID 1, can't.
+        payload = b""
+        if spare is not None and not time_ns:
+            payload = json.dumps({**request, "console": spare.console.path}).encode()
+        if spare is not None and payload and len(payload) <= SPARE_REQUEST_MAX:
             self.spare = None
-            console = spare.console
-            request["console"] = console.path
-            os.write(spare.request_w, json.dumps(request).encode())
-            os.close(spare.request_w)
-            # The spare is on its way; what is only ours to hold comes after.
-            log_fd = os.open(str(request["log"]), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            _, error = self._read_report(spare.report_r)
-            init_pid: int | None = spare.pid
-        else:
-            log_fd = os.open(str(request["log"]), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            console = Console.open()
-            request["console"] = console.path
-            report_r, report_w = os.pipe2(os.O_CLOEXEC)
-            pid = os.fork()
-            if pid == 0:
-                os.close(report_r)
-                self.sock.close()
-                init.setup_process(request, report_w, log_fd)
-            os.close(report_w)
-            init_pid, error = self._read_report(report_r)
-        if init_pid is None or error is not None:
-            os.close(log_fd)
-            console.close()
-            self.send({"op": "failed", "id": cid, "error": error or "the container did not start"})
+            if self._give(spare, payload):
+                # The spare is on its way; what is only ours to hold comes after.
+                log_fd = open_log(str(request["log"]))
+                self._track(Starting(cid, request, spare.report_r, spare.console, log_fd,
+                                     time.monotonic() + SPARE_ANSWER_TIMEOUT, spare.pid,
+                                     spare=True, init_pid=spare.pid))
+                return
+            self._kill_spare(spare, "could not take the request")
+        self._fork(cid, request)
+
+    @staticmethod
+    def _give(spare: Spare, payload: bytes) -> bool:
+        try:
+            os.set_blocking(spare.request_w, False)
+            written = os.write(spare.request_w, payload)
+        except OSError:
+            return False
+        os.close(spare.request_w)
+        spare.request_w = -1
+        return written == len(payload)
+
+    def _fork(self, cid: int, request: dict[str, object]) -> None:
+        """The general way: a setup process that unshares and forks the init."""
+        log_fd = open_log(str(request["log"]))
+        console = Console.open()
+        request["console"] = console.path
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            os.close(report_r)
+            self.sock.close()
+            init.setup_process(request, report_w, log_fd)
+        os.close(report_w)
+        self._track(Starting(cid, request, report_r, console, log_fd,
+                             time.monotonic() + START_TIMEOUT, pid, spare=False))
+
+    def _track(self, starting: Starting) -> None:
+        os.set_blocking(starting.report_r, False)
+        self.starting[starting.report_r] = starting
+
+    @staticmethod
+    def _kill_spare(spare: Spare, why: str) -> None:
+        say(f"spare init {spare.pid} {why}: discarded")
+        spare.discard()  # reaped later like any child; it was nobody's container yet
+
+    def read_report(self, starting: Starting) -> None:
+        """Take what the spare or setup process reported; finish the start at end of file."""
+        while True:
+            try:
+                chunk = os.read(starting.report_r, 4096)
+            except BlockingIOError:
+                break
+            starting.data += chunk
+            if not chunk:
+                self._finish(starting)
+                return
+        if starting.spare and b"R" in _lines(starting.data):
+            starting.spare = False  # acknowledged: now it gets the setup's full time
+            starting.deadline = time.monotonic() + START_TIMEOUT
+
+    def expire(self, starting: Starting) -> None:
+        self.starting.pop(starting.report_r)
+        if starting.spare:
+            spare = Spare(starting.kill_pid, -1, starting.report_r, starting.console)
+            self._kill_spare(spare, f"did not answer within {SPARE_ANSWER_TIMEOUT:g} s")
+            os.close(starting.log_fd)
+            self._fork(starting.cid, starting.request)
             return
+        for pid in {starting.kill_pid, starting.init_pid or starting.kill_pid}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._fail(starting, "the container's setup did not finish in time")
+
+    def _finish(self, starting: Starting) -> None:
+        self.starting.pop(starting.report_r)
+        error: str | None = None
+        for line in starting.data.decode(errors="replace").splitlines():
+            if line.startswith("P") and starting.init_pid is None:
+                starting.init_pid = int(line[1:])
+            elif line.startswith("E") and error is None:
+                error = line[1:]
+        if starting.spare and error is None and b"R" not in _lines(starting.data):
+            # End of file before any answer: the spare died waiting (killed, out of memory).
+            say(f"spare init {starting.kill_pid} ended before it answered: discarded")
+            # Dead already (end of file), perhaps reaped: its pid may be another's now.
+            Spare(starting.kill_pid, -1, starting.report_r, starting.console).discard(kill=False)
+            os.close(starting.log_fd)
+            self._fork(starting.cid, starting.request)
+            return
+        if starting.init_pid is None or error is not None:
+            self._fail(starting, error or "the container did not start")
+            return
+        os.close(starting.report_r)
+        console = starting.console
         # The slave stays open here: a pty whose slave side is closed reads as hung up.
-        record = Running(cid, log_fd, console.master, console.slave)
-        self.running[init_pid] = record
+        record = Running(starting.cid, starting.log_fd, console.master, console.slave)
+        self.running[starting.init_pid] = record
         self.consoles[console.master] = record
-        self.send({"op": "started", "id": cid, "pid": init_pid})
+        self.send({"op": "started", "id": starting.cid, "pid": starting.init_pid})
+
+    def _fail(self, starting: Starting, error: str) -> None:
+        os.close(starting.report_r)
+        os.close(starting.log_fd)
+        starting.console.close()
+        self.send({"op": "failed", "id": starting.cid, "error": error})
+
+    # -- spares -------------------------------------------------------------------------------
 
     def make_spare(self) -> None:
         request_r, request_w = os.pipe2(os.O_CLOEXEC)
@@ -160,39 +321,35 @@ class Helper:
             init.spare_setup_process(request_r, report_w)
         os.close(request_r)
         os.close(report_w)
-        ready, _, _ = select.select([report_r], [], [], START_TIMEOUT)
-        line = os.read(report_r, 4096).decode(errors="replace") if ready else ""
-        if line.startswith("P"):
-            self.spare = Spare(int(line[1:].split()[0]), request_w, report_r, Console.open())
-            return
-        print(f"imageapi-helper: no spare init: {line[1:].strip() or 'timed out'}",
-              file=sys.stderr, flush=True)
-        self.spares_work = False
-        os.close(request_w)
-        os.close(report_r)
+        os.set_blocking(report_r, False)
+        self.making = Making(pid, request_w, report_r, time.monotonic() + START_TIMEOUT)
 
-    @staticmethod
-    def _read_report(fd: int) -> tuple[int | None, str | None]:
-        data = b""
+    def read_making(self, making: Making) -> None:
         try:
-            while True:
-                ready, _, _ = select.select([fd], [], [], START_TIMEOUT)
-                if not ready:
-                    return None, "the container's setup did not finish in time"
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    break
-                data += chunk
-        finally:
-            os.close(fd)
-        pid: int | None = None
-        error: str | None = None
-        for line in data.decode(errors="replace").splitlines():
-            if line.startswith("P"):
-                pid = int(line[1:])
-            elif line.startswith("E") and error is None:
-                error = line[1:]
-        return pid, error
+            chunk = os.read(making.report_r, 4096)
+        except BlockingIOError:
+            return
+        making.data += chunk
+        line = making.data.decode(errors="replace")
+        if line.startswith("P") and line.endswith("\n"):
+            self.making = None
+            self.spare = Spare(int(line[1:].split()[0]), making.request_w, making.report_r,
+                               Console.open())
+        elif not chunk or "\n" in line:
+            self._no_spares(making, line[1:].strip() or "its setup ended")
+
+    def _no_spares(self, making: Making, why: str) -> None:
+        say(f"no spare init: {why}")
+        self.making = None
+        self.spares_work = False
+        try:
+            os.kill(making.setup_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.close(making.request_w)
+        os.close(making.report_r)
+
+    # -- ends ---------------------------------------------------------------------------------
 
     def reap(self) -> None:
         while True:
@@ -203,11 +360,11 @@ class Helper:
             if pid == 0:
                 return
             if self.spare is not None and pid == self.spare.pid:
-                self.spare.discard()
+                self.spare.discard(kill=False)
                 self.spare = None  # it died waiting; another is made after the next start
             record = self.running.pop(pid, None)
             if record is None:
-                continue  # a setup process, or an init whose start already failed
+                continue  # a setup process, a discarded spare, or an init whose start failed
             self.close(record)
             self.send({"op": "exited", "id": record.cid, "pid": pid, "status": status})
 
@@ -225,7 +382,32 @@ class Helper:
                 os.close(record.master)
                 record.master = None
                 return
-            os.write(record.log_fd, data)
+            self.write_log(record, data)
+
+    @staticmethod
+    def write_log(record: Running, data: bytes) -> None:
+        """Append to the log; what does not fit is dropped and counted, never fatal. Once the
+        log takes writes again, a line says how much was lost."""
+        if record.lost:
+            note = (f"\n{stamp()} container({record.cid}): {record.lost} bytes of console "
+                    f"output were lost: {record.lost_why}\n").encode()
+            try:
+                os.write(record.log_fd, note)
+            except OSError:
+                record.lost += len(data)
+                return
+            record.lost = 0
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(record.log_fd, view):]
+            except OSError as exc:
+                if not record.lost:
+                    record.lost_why = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                    say(f"container {record.cid}: cannot write its log ({exc.strerror}): "
+                        "console output is dropped until it can")
+                record.lost += len(view)
+                return
 
     def close(self, record: Running) -> None:
         self.relay(record)
@@ -238,36 +420,82 @@ class Helper:
             record.slave = None
         os.close(record.log_fd)
 
+    # -- the loop -----------------------------------------------------------------------------
+
     def serve(self) -> None:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.make_spare()
-        while self.daemon_here or self.running:
-            watched = [wake_r, *self.consoles, *([self.sock] if self.daemon_here else [])]
-            ready, _, _ = select.select(watched, [], [])
-            if wake_r in ready:
-                while True:
-                    try:
-                        if not os.read(wake_r, 512):
-                            break
-                    except BlockingIOError:
+        if self.spares_work:
+            self.make_spare()
+        while self.daemon_here or self.running or self.starting:
+            watched = [wake_r, *self.consoles, *self.starting]
+            if self.making is not None:
+                watched.append(self.making.report_r)
+            if self.daemon_here:
+                watched.append(self.sock.fileno())
+            deadlines = [s.deadline for s in self.starting.values()]
+            if self.making is not None:
+                deadlines.append(self.making.deadline)
+            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            ready, _, _ = select.select(watched, [], [], timeout)
+            self.step(ready, wake_r)
+
+    def step(self, ready: list[int], wake_r: int) -> None:
+        # Reports first: an init that exec'd and ended at once is registered before it is
+        # reaped, so its end is never taken for a stranger's.
+        for fd in ready:
+            if fd in self.starting:
+                self.read_report(self.starting[fd])
+            elif self.making is not None and fd == self.making.report_r:
+                self.read_making(self.making)
+        now = time.monotonic()
+        for starting in [s for s in self.starting.values() if s.deadline <= now]:
+            self.expire(starting)
+        if self.making is not None and self.making.deadline <= now:
+            self._no_spares(self.making, "its setup did not finish in time")
+        if wake_r in ready:
+            while True:
+                try:
+                    if not os.read(wake_r, 512):
                         break
-                self.reap()
-            for fd in ready:
-                record = self.consoles.get(fd) if isinstance(fd, int) else None
-                if record is not None:
-                    self.relay(record)
-            if self.daemon_here and self.sock in ready:
-                message = self.sock.recv(1 << 20)
-                if not message:
-                    self.daemon_gone()
-                    continue
-                request = json.loads(message)
-                if request.get("op") == "start":
-                    self.start(request)
-            if self.daemon_here and self.spare is None and self.spares_work:
-                self.make_spare()  # after answering: off the next start's critical path
+                except BlockingIOError:
+                    break
+            self.reap()
+        for fd in ready:
+            record = self.consoles.get(fd)
+            if record is not None:
+                self.relay(record)
+        if self.daemon_here and self.sock.fileno() in ready:
+            self.serve_request()
+        if self.daemon_here and self.spares_work and self.spare is None and self.making is None:
+            self.make_spare()  # after answering: off the next start's critical path
+
+    def serve_request(self) -> None:
+        try:
+            message = self.sock.recv(1 << 20)
+        except OSError:
+            message = b""
+        if not message:
+            self.daemon_gone()
+            return
+        try:
+            request = json.loads(message)
+            cid = int(request["id"])
+        except (ValueError, KeyError, TypeError):
+            say("ignored a malformed request")
+            return
+        if request.get("op") != "start":
+            return
+        try:
+            self.start(request)
+        except Exception as exc:  # one bad start must not end the helper and every console
+            say(f"container {cid}: start failed: {exc!r}")
+            self.send({"op": "failed", "id": cid, "error": f"the helper could not start it: {exc}"})
+
+
+def _lines(data: bytes) -> list[bytes]:
+    return [line[:1] for line in data.split(b"\n")]
 
 
 def main(argv: list[str]) -> int:
