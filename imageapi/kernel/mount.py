@@ -1,4 +1,5 @@
-"""mount(2) and umount2(2) through libc, and the translation of mount(8)-style option lists.
+"""mount(2), umount2(2) and the new mount API (fsopen, fsconfig, fsmount, move_mount) through
+libc, and the translation of mount(8)-style option lists.
 
 We call the syscalls directly rather than running mount(8): no dependency on util-linux
 behaviour (helpers, fstab, mtab), and the errno reaches the caller intact.
@@ -10,8 +11,10 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import re
 import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [
@@ -22,6 +25,7 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.syscall.restype = ctypes.c_long
 _statx = getattr(_libc, "statx", None)  # glibc >= 2.28
 if _statx is not None:
     _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
@@ -58,6 +62,27 @@ MS_LAZYTIME = 1 << 25
 MNT_FORCE = 1
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
+
+# mount(2) copies one page of data and path_mount() puts a NUL in its last byte, so a longer
+# string is silently cut: this is the longest that arrives whole.
+MOUNT_DATA_MAX = os.sysconf("SC_PAGE_SIZE") - 1
+
+# The new mount API (Linux 5.2; overlayfs takes `lowerdir+` one layer at a time from 6.8).
+FSOPEN_CLOEXEC = 1
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+FSMOUNT_CLOEXEC = 1
+MOVE_MOUNT_F_EMPTY_PATH = 4
+# fsconfig copies a string value with strndup_user(value, 256): longer ones are EINVAL.
+FSCONFIG_VALUE_MAX = 255
+
+# These syscalls got one number on every architecture but alpha; elsewhere we have none and
+# report ENOSYS, as an older kernel would.
+_SYSCALL_NUMBERS: dict[str, int] = (
+    {"move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432}
+    if os.uname().machine in ("x86_64", "aarch64")
+    else {}
+)
 
 # mount(8) option words that are flags to mount(2) rather than filesystem data:
 # word -> (flags to set, flags to clear).
@@ -121,7 +146,7 @@ def parse_options(words: list[str]) -> MountOptions:
     return MountOptions(flags, ",".join(data))
 
 
-def _raise(path: str) -> None:
+def _raise(path: str | None) -> NoReturn:
     err = ctypes.get_errno()
     raise OSError(err, os.strerror(err), path)
 
@@ -141,6 +166,67 @@ def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: st
 def umount(target: str, flags: int = 0) -> None:
     if _libc.umount2(target.encode(), flags) != 0:
         _raise(target)
+
+
+def _syscall(name: str, path: str | None, *args: object) -> int:
+    number = _SYSCALL_NUMBERS.get(name)
+    if number is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), path)
+    rc = _libc.syscall(ctypes.c_long(number), *args)
+    if rc < 0:
+        _raise(path)
+    return int(rc)
+
+
+def _with_fs_log(exc: OSError, fs_fd: int) -> OSError:
+    """`exc` with the filesystem's own words from the context's log, which often say more
+    than the errno ("overlay: Unknown parameter 'lowerdir+'")."""
+    messages = []
+    for _ in range(8):  # the kernel keeps the last 8
+        try:
+            line = os.read(fs_fd, 4096).decode(errors="replace").strip()
+        except OSError:  # ENODATA: no more
+            break
+        messages.append(line[2:] if line[1:2] == " " else line)  # drop the "e "/"w " level
+    if not messages:
+        return exc
+    return OSError(exc.errno, f"{exc.strerror}: {'; '.join(messages)}", exc.filename)
+
+
+def fsopen(fstype: str, flags: int = FSOPEN_CLOEXEC) -> int:
+    """A filesystem context of type `fstype`, to be set up with `fsconfig`."""
+    return _syscall("fsopen", fstype, ctypes.c_char_p(fstype.encode()), ctypes.c_uint(flags))
+
+
+def fsconfig(
+    fs_fd: int, cmd: int, key: str | None = None, value: str | None = None, aux: int = 0,
+    path: str | None = None,
+) -> None:
+    """One fsconfig(2) command; an error names `path` (by default the value)."""
+    try:
+        _syscall(
+            "fsconfig", path if path is not None else value, ctypes.c_int(fs_fd),
+            ctypes.c_uint(cmd), ctypes.c_char_p(key.encode() if key is not None else None),
+            ctypes.c_char_p(value.encode() if value is not None else None), ctypes.c_int(aux),
+        )
+    except OSError as exc:
+        raise _with_fs_log(exc, fs_fd) from None
+
+
+def fsmount(fs_fd: int, flags: int = FSMOUNT_CLOEXEC, attr_flags: int = 0) -> int:
+    """A detached mount of the created context's superblock; attach it with `move_mount`."""
+    try:
+        return _syscall("fsmount", None, ctypes.c_int(fs_fd), ctypes.c_uint(flags),
+                        ctypes.c_uint(attr_flags))  # fmt: skip
+    except OSError as exc:
+        raise _with_fs_log(exc, fs_fd) from None
+
+
+def move_mount(from_dfd: int, from_path: str, to_dfd: int, to_path: str, flags: int = 0) -> None:
+    _syscall(
+        "move_mount", to_path, ctypes.c_int(from_dfd), ctypes.c_char_p(from_path.encode()),
+        ctypes.c_int(to_dfd), ctypes.c_char_p(to_path.encode()), ctypes.c_uint(flags),
+    )
 
 
 # statvfs(3) f_flag bits -> the mount(2) flags that set them on a mount.
@@ -216,12 +302,23 @@ class MountEntry:
     options: str
 
 
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    return (
-        field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-        .replace("\\134", "\\")
-    )
+    # mountinfo escapes space, tab, newline and backslash as octal; filesystems' options also
+    # escape their separators (overlayfs: ',' and '=').
+    return _OCTAL.sub(lambda m: chr(int(m[1], 8)), field)
+
+
+def super_options(options: str) -> list[tuple[str, str]]:
+    """A mountinfo super-options field as (key, value) pairs in the kernel's order, values
+    unescaped (a bare flag has value ""). Commas inside values are escaped, so the split is safe."""
+    pairs = []
+    for item in options.split(","):
+        key, _, value = item.partition("=")
+        pairs.append((_unescape(key), _unescape(value)))
+    return pairs
 
 
 def mountinfo(pid: str = "self") -> list[MountEntry]:
