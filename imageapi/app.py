@@ -8,6 +8,7 @@ Request path through the middleware stack (outermost first):
     ServerErrorMiddleware   last resort: anything escaping below is a generic JSON 500
     ExceptionMiddleware     ApiError, connexion problems, starlette 404/405, bugs -> JSON errors
     StaticDocument          /imageapi/v1/swagger.json (the spec as written)
+    IdGuard                 all-digit path segments too long to be an id: 400 before routing
     SwaggerUIMiddleware     /imageapi/v1/ui/
     RoutingMiddleware       path + method -> operationId
     SecurityMiddleware      (no security schemes in this API)
@@ -37,9 +38,9 @@ from connexion.options import SwaggerUIOptions
 from connexion.resolver import Resolver
 from starlette.exceptions import HTTPException
 
-from imageapi.api.error_handlers import ErrorHandlers, RouteTable
+from imageapi.api.error_handlers import ErrorHandlers, RouteTable, shorten_access_log
 from imageapi.api.legacy import LegacyShim
-from imageapi.api.middleware import BodyGuard, StaticDocument
+from imageapi.api.middleware import BodyGuard, IdGuard, StaticDocument
 from imageapi.api.validation import validator_map
 from imageapi.config import Settings
 from imageapi.errors import ApiError
@@ -84,6 +85,7 @@ def create_app(
 
     spec = load_spec()
     errors = ErrorHandlers(RouteTable.from_spec(spec))
+    shorten_access_log()
 
     # Replace the outermost middleware's plain-text/problem 500 by our JSON body.
     middlewares = [
@@ -111,6 +113,7 @@ def create_app(
         body=json.dumps(spec, indent=2).encode(),
         media_type="application/json",
     )
+    app.add_middleware(IdGuard, position=MiddlewarePosition.BEFORE_SWAGGER)
     # Added in this order, BodyGuard wraps LegacyShim: the shim sees complete, typed bodies.
     app.add_middleware(BodyGuard, position=MiddlewarePosition.BEFORE_VALIDATION)
     app.add_middleware(LegacyShim, position=MiddlewarePosition.BEFORE_VALIDATION, kind_of=kind_of)

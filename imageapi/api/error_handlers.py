@@ -129,7 +129,8 @@ class ErrorHandlers:
         # 4xx are the client's business; 5xx are the kernel refusing, which an operator
         # wants to see. Neither needs a traceback: the message says what failed.
         level = logging.ERROR if exc.status >= 500 else logging.INFO
-        log.log(level, "%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        log.log(level, "%s %s -> %d: %s", request.method, _short(request.url.path), exc.status,
+                exc.message)
         return error_response(exc.status, exc.message)
 
     async def http_error(self, request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
@@ -141,21 +142,21 @@ class ErrorHandlers:
         elif status == 404 and (why := self.routes.bad_parameter(request.method, request.url.path)):
             status, message = 400, why
         elif status == 404:
-            message = f"no such resource: {request.method} {request.url.path}"
+            message = f"no such resource: {request.method} {_short(request.url.path)}"
         elif status == 405:
             allowed = self.routes.allowed(request.url.path)
             if allowed is not None:
                 headers["Allow"] = ", ".join(allowed)
             message = (
-                f"method {request.method} not allowed on {request.url.path}"
+                f"method {request.method} not allowed on {_short(request.url.path)}"
                 f" (allowed: {headers.get('Allow', 'none')})"
             )
         else:
             message = str(exc.detail)
         if status >= 500:
-            log.error("%s %s -> %d: %s", request.method, request.url.path, status, message)
+            log.error("%s %s -> %d: %s", request.method, _short(request.url.path), status, message)
         else:
-            log.info("%s %s -> %d: %s", request.method, request.url.path, status, message)
+            log.info("%s %s -> %d: %s", request.method, _short(request.url.path), status, message)
         return error_response(status, message, headers)
 
     async def unexpected(self, request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
@@ -163,7 +164,7 @@ class ErrorHandlers:
         log.error(
             "%s %s: unhandled %s",
             request.method,
-            request.url.path,
+            _short(request.url.path),
             type(exc).__name__,
             exc_info=exc,
         )
@@ -173,3 +174,24 @@ class ErrorHandlers:
         # Used by the ServerErrorMiddleware, outside everything else. uvicorn logs the
         # traceback itself, since starlette re-raises after sending this response.
         return error_response(500, GENERIC_500)
+
+
+def _short(path: str, limit: int = 200) -> str:
+    """A path fit for a log line or a message: a client's 5,000-character path is not."""
+    return path if len(path) <= limit else f"{path[:limit]}... ({len(path)} characters)"
+
+
+class ShortArgs(logging.Filter):
+    """Shortens long string arguments of a record (uvicorn's access log writes the request
+    line whole: a client's 5,000-digit path would become a 5,000-character line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_short(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def shorten_access_log() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, ShortArgs) for f in access.filters):
+        access.addFilter(ShortArgs())

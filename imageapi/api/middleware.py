@@ -13,6 +13,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Requests of this API are small JSON documents; a larger body is a mistake or an attack.
 MAX_BODY = 1 << 20
+# An all-digit path segment longer than this is neither an id (int64: 19 digits) nor a name
+# (at most 64 characters).
+MAX_DIGITS = 64
 
 
 def operation_id(scope: Scope) -> str | None:
@@ -120,6 +123,25 @@ def _charset(content_type: str | None) -> str | None:
     header = MimeHeader()
     header["content-type"] = content_type
     return header.get_content_charset()
+
+
+class IdGuard:
+    """Refuse an all-digit path segment too long to be an id or a name, before routing: the
+    router converts `{id}` with int(), which raises (a 500) past 4,300 digits, and costs time
+    quadratic in the length below that."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for segment in scope["path"].split("/"):
+                if len(segment) > MAX_DIGITS and segment.isdigit():
+                    raise HTTPException(
+                        400, f"id: a number of {len(segment)} digits is not an id "
+                        "(ids are positive 64-bit integers)"
+                    )
+        await self.app(scope, receive, send)
 
 
 class StaticDocument:

@@ -67,6 +67,11 @@ def describe(error: ValidationError, root: str) -> str:
     if SECRET_FIELDS.intersection(str(p) for p in error.absolute_path):
         # The default message starts with the value itself; say only which rule failed.
         return f"{where}: invalid value (fails '{error.validator}')"
+    if error.validator in ("maxLength", "minLength") and isinstance(error.instance, str):
+        # Said without the value: a 140 KB command must not come back in the message.
+        limit = "at most" if error.validator == "maxLength" else "at least"
+        return (f"{where}: {len(error.instance)} characters long; {limit} "
+                f"{error.validator_value} are allowed")
     return f"{where}: {error.message}"
 
 

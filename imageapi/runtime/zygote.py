@@ -49,6 +49,9 @@ SPARE_ANSWER_TIMEOUT = 2.0
 # A request larger than this is not given to a spare: the pipe to it may hold only one page
 # (pipe-user-pages-soft), and a write must never block the loop.
 SPARE_REQUEST_MAX = 4096
+# Spares killed and not yet reaped: waited for before the helper exits, so that none is left
+# a zombie under an init that may not reap (a container's, a minimal VM's).
+DISCARDED: set[int] = set()
 
 
 def say(text: str) -> None:
@@ -106,6 +109,7 @@ class Spare:
         if kill:
             try:
                 os.kill(self.pid, signal.SIGKILL)
+                DISCARDED.add(self.pid)
             except ProcessLookupError:
                 pass
         if self.request_w >= 0:
@@ -359,6 +363,7 @@ class Helper:
                 return
             if pid == 0:
                 return
+            DISCARDED.discard(pid)
             if self.spare is not None and pid == self.spare.pid:
                 self.spare.discard(kill=False)
                 self.spare = None  # it died waiting; another is made after the next start
@@ -440,6 +445,10 @@ class Helper:
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             ready, _, _ = select.select(watched, [], [], timeout)
             self.step(ready, wake_r)
+        deadline = time.monotonic() + 2
+        while DISCARDED and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.01)
 
     def step(self, ready: list[int], wake_r: int) -> None:
         # Reports first: an init that exec'd and ended at once is registered before it is
