@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scheme",
         action="append",
         choices=SCHEMES,
-        help="listener to serve; repeat for several (default: http)",
+        help="listener to serve; repeat for several (default: unix, the socket alone)",
     )
     listen.add_argument(
         "--host", default=env("HOST", "localhost"), help="http host (env HOST; default localhost)"
@@ -138,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Keep the order given, drop repeats: each scheme is one listener.
-    args.scheme = list(dict.fromkeys(args.scheme or ["http"]))
+    # Keep the order given, drop repeats: each scheme is one listener. Unconfigured, only the
+    # 0600 socket: the API is root-equivalent, and a TCP port is open to every local user.
+    args.scheme = list(dict.fromkeys(args.scheme or ["unix"]))
     for name in ("port", "tls_port"):
         if not 0 <= getattr(args, name) <= 65535:
             parser.error(f"--{name.replace('_', '-')}: not a port number")
@@ -285,6 +287,7 @@ def activated_listeners(
             listeners.append(Listener(tcp_label("https", sock), sock, tls_options(args)))
         else:
             listeners.append(Listener(tcp_label("http", sock), sock))
+            warn_open(listeners[-1], sock)
     return listeners
 
 
@@ -295,6 +298,7 @@ def open_listeners(args: argparse.Namespace) -> list[Listener]:
             if scheme == "http":
                 sock = bind_tcp(args.host, args.port)
                 listeners.append(Listener(tcp_label("http", sock), sock))
+                warn_open(listeners[-1], sock)
             elif scheme == "https":
                 sock = bind_tcp(args.tls_host or args.host, args.tls_port)
                 listeners.append(Listener(tcp_label("https", sock), sock, tls_options(args)))
@@ -309,6 +313,19 @@ def open_listeners(args: argparse.Namespace) -> list[Listener]:
         close_all(listeners)
         raise
     return listeners
+
+
+def warn_open(listener: Listener, sock: socket.socket) -> None:
+    """Plain http authenticates nobody, and the API is root-equivalent (README, "Security")."""
+    try:
+        local = ipaddress.ip_address(sock.getsockname()[0]).is_loopback
+    except ValueError:
+        local = False
+    who = ("any local user, and any container on the host's network," if local
+           else "anyone who can reach it")
+    log.warning("%s is plain http without authentication: %s can drive this API, which is "
+                "root-equivalent; prefer the unix socket or https with --tls-ca",
+                listener.label, who)
 
 
 def close_all(listeners: Sequence[Listener]) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs imageapi on a Debian 12 machine, as root: on first use installs what it needs (into
 # ./.venv) and builds an example system image to try it on; then starts the server.
-# Arguments go to imageapi-server, e.g. --scheme http --port 8080.
+# Arguments go to imageapi-server, e.g. --scheme http --port 8080 (without --scheme it serves
+# only the root-only unix socket /var/run/imageapi.sock; README.md, "Security").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh

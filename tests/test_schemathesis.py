@@ -148,6 +148,9 @@ SEMANTIC_400: dict[str, str] = {
         "the shared `container_state` enum also lists the states a container is read in",
     r"namespaces: user namespaces are not supported":
         "`user` is in the contract's namespace enum and documented as refused (400)",
+    r"profile: a confined container cannot run systemd":
+        "`confined` with `systemd: true` is documented as refused (400): forbidding a pair of "
+        "values needs `not`",
     r"command: (required|is empty|cannot be split like a shell line)":
         "a blank command, or one with unbalanced quotes: shell syntax, not a schema matter",
     r"command: .* (does not exist in the image|is not a regular file|is not executable"

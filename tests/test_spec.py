@@ -312,8 +312,11 @@ def test_container_definitions(spec: dict[str, Any]) -> None:
     assert set(container["required"]) == {"mount", "command"}
     props = container["properties"]
     assert set(props) == {
-        "id", "name", "mount", "command", "systemd", "state", "namespaces", "logfile", "pid",
+        "id", "name", "mount", "command", "systemd", "state", "namespaces", "profile", "logfile",
+        "pid",
     }  # fmt: skip
+    assert props["profile"]["enum"] == ["node", "confined"]
+    assert props["profile"]["default"] == "node"
     assert props["mount"] == {"$ref": "#/definitions/mount"}
     assert props["name"] == {"$ref": "#/definitions/name"}
     assert props["state"] == {"$ref": "#/definitions/container_state"}

@@ -16,6 +16,7 @@ from imageapi.drivers import checks
 from imageapi.drivers.base import Driver, Need, Node, Spec, State
 from imageapi.drivers.overlay_mount import generic_need
 from imageapi.errors import BadRequest
+from imageapi.kernel import seccomp
 from imageapi.kernel.ns import NAMESPACE_FLAGS
 from imageapi.runtime.cgroups import CgroupTree
 from imageapi.runtime.client import Helper
@@ -25,6 +26,7 @@ from imageapi.runtime.logfile import ContainerLog
 CREATE_STATES = ("created", "running")
 TARGET_STATES = ("running", "exited")
 UNSUPPORTED_NAMESPACES = {"user": "user namespaces are not supported (mounting needs real root)"}
+PROFILES = ("node", "confined")  # what the container's root may do: README, "Security"
 
 
 class ContainerDriver(Driver):
@@ -83,6 +85,8 @@ class ContainerDriver(Driver):
                 if ns in UNSUPPORTED_NAMESPACES:
                     raise BadRequest(f"namespaces: {UNSUPPORTED_NAMESPACES[ns]}")
         out["namespaces"] = namespaces
+        out["profile"], out["namespaces"] = _profile(spec.get("profile", "node"), systemd,
+                                                     namespaces)
         return out
 
     def needs(self, spec: Spec) -> list[Need]:
@@ -109,6 +113,7 @@ class ContainerDriver(Driver):
             hostname=spec.get("name") or f"container-{node.id}",
             systemd=spec["systemd"],
             namespaces=extra,
+            profile=spec.get("profile", "node"),
         )
         container = Container(
             plan,
@@ -150,9 +155,30 @@ class ContainerDriver(Driver):
             mount=ref,
             systemd=spec["systemd"],
             namespaces=spec["namespaces"],
+            profile=spec.get("profile", "node"),
             state=container.state,
             logfile=str(container.log.path),
         )
         if container.pid is not None:
             view["pid"] = container.pid
         return view
+
+
+def _profile(
+    profile: Any, systemd: bool, namespaces: list[str] | None
+) -> tuple[str, list[str] | None]:
+    """The profile, and the namespaces it implies: a confined container always has a network
+    namespace of its own, since on the host's its 127.0.0.1 is the one this API listens on."""
+    if profile not in PROFILES:
+        raise BadRequest(f"profile: {profile!r} is not a profile (known: {', '.join(PROFILES)})")
+    if profile == "node":
+        return profile, namespaces
+    if systemd:
+        raise BadRequest("profile: a confined container cannot run systemd, which needs "
+                         "CAP_SYS_ADMIN and mount(2); use the node profile")
+    if not seccomp.supported():
+        raise BadRequest("profile: confined containers need a seccomp deny-list for this "
+                         "architecture, and there is none (x86_64 and aarch64 have one)")
+    if namespaces is None or "net" not in namespaces:
+        namespaces = [*(namespaces or []), "net"]
+    return profile, namespaces

@@ -47,6 +47,7 @@ class Plan:
     systemd: bool
     namespaces: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    profile: str = "node"  # "confined": fewer capabilities and a seccomp filter (init.py)
 
 
 class Container:
@@ -140,6 +141,7 @@ class Container:
                     **self.plan.env},
             "hostname": self.plan.hostname,
             "systemd": self.plan.systemd,
+            "profile": self.plan.profile,
             "flags": flags,
             "cgroup": str(cgroup) if cgroup else None,
             "log": str(self.log.path),
