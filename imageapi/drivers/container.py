@@ -7,6 +7,7 @@ builds that object and maps the API's state requests onto it.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -23,6 +24,11 @@ from imageapi.runtime.client import Helper
 from imageapi.runtime.lifecycle import ALWAYS, Container, Plan
 from imageapi.runtime.logfile import ContainerLog
 
+# Bounded so that a request costs little to split and always fits the helper's messages.
+MAX_COMMAND = 16384  # bytes, UTF-8
+# C0 controls and DEL, but tab and newline (whitespace to the shell-like split). NUL can never
+# reach execve; the others are no part of a command line.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 CREATE_STATES = ("created", "running")
 TARGET_STATES = ("running", "exited")
 UNSUPPORTED_NAMESPACES = {"user": "user namespaces are not supported (mounting needs real root)"}
@@ -54,6 +60,7 @@ class ContainerDriver(Driver):
         command = spec.get("command")
         if not isinstance(command, str) or not command.strip():
             raise BadRequest("command: required, the entrypoint and its arguments")
+        _check_command(command)
         try:
             argv = shlex.split(command)
         except ValueError as exc:
@@ -182,3 +189,18 @@ def _profile(
     if namespaces is None or "net" not in namespaces:
         namespaces = [*(namespaces or []), "net"]
     return profile, namespaces
+
+
+def _check_command(command: str) -> None:
+    try:
+        size = len(command.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadRequest("command: not valid UTF-8 (a lone surrogate)") from None
+    if size > MAX_COMMAND:
+        raise BadRequest(f"command: {size} bytes long; at most {MAX_COMMAND} are allowed")
+    bad = _CONTROL.search(command)
+    if bad:
+        raise BadRequest(
+            f"command: control character {bad.group()!r} at offset {bad.start()}; "
+            "a command line holds none but tab and newline"
+        )
