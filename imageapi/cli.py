@@ -25,19 +25,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
 import stat
 import sys
+import threading
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import uvicorn
 
@@ -167,15 +172,98 @@ def settings_from(args: argparse.Namespace, cgroup_root: Path | None = None) -> 
     return Settings(**given)
 
 
-def configure_logging() -> None:
+class RepeatFilter(logging.Filter):
+    """Rate-limits records that repeat: per `window` seconds, `burst` identical records (same
+    logger, level and message) and `template_burst` of one template with whatever values; the
+    rest are counted, and once their window has passed one record says how many were left
+    out. A fault that repeats in a tight loop (asyncio logs every failed accept() with its
+    traceback) then costs a few lines a minute, not gigabytes; ordinary records, whose values
+    differ (`attached %s as %s`), pass."""
+
+    def __init__(
+        self, handler: logging.Handler, burst: int = 10, template_burst: int = 1000,
+        window: float = 60.0, clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.handler = handler  # where the summaries go
+        self.burst, self.template_burst = burst, template_burst
+        self.window, self.clock = window, clock
+        self._lock = threading.Lock()
+        # (how, logger, level, text) -> [window start, records in the window, records left out]
+        self._kinds: dict[tuple[str, str, int, str], list[Any]] = {}
+        self._next_expiry = float("inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "repeat_summary", False):
+            return True
+        same = ("same", record.name, record.levelno, record.getMessage())
+        like = ("like", record.name, record.levelno, str(record.msg))
+        now = self.clock()
+        with self._lock:
+            due = self._expire(now) if now >= self._next_expiry else []
+            # Both counted, always: `&`, not `and`.
+            passed = self._count(same, now, self.burst)
+            passed &= self._count(like, now, self.template_burst)
+        for summary in due:
+            self.handler.handle(summary)
+        return passed
+
+    def _count(self, kind: tuple[str, str, int, str], now: float, burst: int) -> bool:
+        seen = self._kinds.get(kind)
+        if seen is None:
+            seen = self._kinds[kind] = [now, 0, 0]
+            self._next_expiry = min(self._next_expiry, now + self.window)
+        seen[1] += 1
+        if seen[1] <= burst:
+            return True
+        seen[2] += 1
+        return False
+
+    def flush(self) -> None:
+        """Report what was left out so far (at exit)."""
+        with self._lock:
+            due = self._expire(float("inf"))
+        for summary in due:
+            self.handler.handle(summary)
+
+    def _expire(self, now: float) -> list[logging.LogRecord]:
+        """Lock held: forget the kinds whose window has passed; a summary of each that had
+        records left out."""
+        due = []
+        self._next_expiry = float("inf")
+        for kind, (start, _count, left_out) in list(self._kinds.items()):
+            if now < start + self.window:
+                self._next_expiry = min(self._next_expiry, start + self.window)
+                continue
+            del self._kinds[kind]
+            if left_out:
+                how, name, level, text = kind
+                what = "repeats of" if how == "same" else "records like"
+                summary = logging.LogRecord(
+                    name, level, __file__, 0, f"suppressed %d {what} %r in %.0f s",
+                    (left_out, text.split("\n", 1)[0][:200], self.window), None,
+                )  # fmt: skip
+                summary.repeat_summary = True
+                due.append(summary)
+        return due
+
+
+def configure_logging() -> list[RepeatFilter]:
+    """Logging to stderr, rate-limited per kind of record; returns the filters (to flush)."""
     name = os.environ.get(LOGLEVEL_ENV, "INFO").strip().upper()
     level = logging.getLevelName(name)
     logging.basicConfig(
         level=level if isinstance(level, int) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    filters = []
+    for handler in logging.getLogger().handlers:
+        repeat = RepeatFilter(handler)
+        handler.addFilter(repeat)
+        filters.append(repeat)
     if not isinstance(level, int):
         log.warning("%s=%r is not a log level; using INFO", LOGLEVEL_ENV, name)
+    return filters
 
 
 def prepare_dirs(settings: Settings) -> None:
@@ -354,7 +442,203 @@ class ListenerServer(uvicorn.Server):
             self.ready.set()
 
 
-def make_servers(app: Any, listeners: Sequence[Listener]) -> list[ListenerServer]:
+# Connections get at most half of the descriptors free at start, and never more than this; the
+# other half stays for the daemon's own (a loop device per attachment, a pidfd and log per
+# container, the files a request opens).
+MAX_CONNECTIONS = 1024
+# A connection must have sent a whole request head this long after it was accepted (uvicorn
+# arms no timer before the first request: a silent connection stays forever).
+REQUEST_HEAD_TIMEOUT = 10.0
+KEEP_ALIVE_TIMEOUT = 5  # seconds an idle connection stays open after a response
+
+_BUSY_BODY = b'{"code": 503, "message": "too many connections; try again later"}'
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
+
+
+def connection_limit(soft_limit: int, in_use: int) -> int:
+    return max(1, min(MAX_CONNECTIONS, (soft_limit - in_use) // 2))
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
+
+
+class ConnectionGuard:
+    """The daemon's HTTP connections over every listener, bounded where they are accepted.
+
+    At the limit, a new connection closes the longest-open one that has no request in progress
+    (silent clients cannot lock real ones out), or is answered 503 and closed if every one has
+    one. Should the daemon run out of descriptors anyway (its own objects hold them too), an
+    idle connection is closed to free one, or else a spare descriptor is given up to accept
+    and refuse the waiting connection: asyncio does not see accept() fail, which it would log,
+    with a traceback, thousands of times a second.
+    """
+
+    def __init__(self, limit: int, head_timeout: float = REQUEST_HEAD_TIMEOUT) -> None:
+        self.limit = limit
+        self.head_timeout = head_timeout
+        self.served: dict[_Guarded, None] = {}  # protocols of open connections, oldest first
+        self._accepted: list[socket.socket] = []  # every accepted connection, until closed
+        self._closing: set[int] = set()  # id() of those we closed, until they are gone
+        self._classes: dict[type, type] = {}
+        self._spare: list[int] = []  # the spare descriptor, when we hold it
+        self._take_spare()
+        weakref.finalize(self, _close_all_fds, self._spare)  # with the servers, in tests
+
+    def _take_spare(self) -> None:
+        if not self._spare:
+            try:
+                self._spare.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                pass  # out of descriptors right now: next time
+
+    def protocol(self, base: type) -> type:
+        """`base` (uvicorn's HTTP protocol class) reporting to this guard."""
+        if base not in self._classes:
+            self._classes[base] = type(f"Guarded{base.__name__}", (_Guarded, base), {"guard": self})
+        return self._classes[base]
+
+    def listening(self, sock: socket.socket, tls: bool) -> socket.socket:
+        """`sock`, as a socket whose accept() this guard decides (it takes over the fd)."""
+        guarded = _GuardedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        guarded.guard, guarded.busy_reply = self, b"" if tls else _BUSY
+        return guarded
+
+    def open_connections(self) -> int:
+        self._accepted = [conn for conn in self._accepted if conn.fileno() != -1]
+        self._closing &= {id(conn) for conn in self._accepted}
+        return len(self._accepted) - len(self._closing)
+
+    def admit(self, conn: socket.socket, busy_reply: bytes) -> bool:
+        if self.open_connections() >= self.limit and not self._make_room(
+            f"{self.limit} connections open (the limit)"
+        ):
+            log.warning("%d connections open, each with a request in progress: refused one",
+                        self.limit)  # fmt: skip
+            _refuse(conn, busy_reply)
+            return False
+        self._accepted.append(conn)
+        return True
+
+    def _make_room(self, why: str) -> bool:
+        for proto in self.served:
+            if proto.busy():
+                continue
+            del self.served[proto]
+            for conn in self._accepted:
+                if conn.fileno() == proto.fd:
+                    self._closing.add(id(conn))  # its fd goes when asyncio has closed it
+            proto.transport.abort()  # now: an idle one has nothing left to send
+            log.info("%s: closed an idle connection for a new one", why)
+            return True
+        return False
+
+    def out_of_fds(self, listener: socket.socket, busy_reply: bytes) -> bool:
+        """accept() found no free descriptor: make one free, or refuse the waiting connection
+        on the spare. False if neither can be done (asyncio then retries in a second)."""
+        if self.open_connections() < len(self._accepted):
+            return True  # one we closed is about to free its descriptor
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if self._make_room(f"out of file descriptors (limit {limit})"):
+            return True
+        log.error("out of file descriptors (limit %d) and no idle connection to close: "
+                  "refusing connections", limit)  # fmt: skip
+        if not self._spare:
+            self._take_spare()  # for next time
+            return False
+        os.close(self._spare.pop())
+        try:
+            conn, _addr = socket.socket.accept(listener)
+        except OSError:
+            pass  # gone meanwhile
+        else:
+            _refuse(conn, busy_reply)
+        self._take_spare()
+        return True
+
+
+def _close_all_fds(fds: list[int]) -> None:
+    while fds:
+        os.close(fds.pop())
+
+
+def _refuse(conn: socket.socket, reply: bytes) -> None:
+    try:
+        conn.setblocking(False)
+        if reply:
+            conn.send(reply)  # a few bytes into an empty send buffer
+    except OSError:
+        pass  # the client has gone: nothing to tell
+    conn.close()
+
+
+class _GuardedSocket(socket.socket):
+    """A listening socket whose accept() asks its guard (asyncio calls accept() on it)."""
+
+    guard: ConnectionGuard
+    busy_reply: bytes
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        try:
+            conn, addr = super().accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            if not self.guard.out_of_fds(self, self.busy_reply):
+                raise
+            raise BlockingIOError(errno.EAGAIN, "no descriptor for a connection") from None
+        if not self.guard.admit(conn, self.busy_reply):
+            # To asyncio: nothing (more) to accept now; it asks again while some are waiting.
+            raise BlockingIOError(errno.EAGAIN, "connection refused: too many")
+        return conn, addr
+
+
+class _Guarded:
+    """Mixed in before uvicorn's HTTP protocol (httptools or h11): counts the connection for
+    its guard and closes it if no request head has come `head_timeout` after it opened."""
+
+    guard: ClassVar[ConnectionGuard]
+    fd = -1
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
+        self.guard.served[self] = None
+        super().connection_made(transport)  # type: ignore[misc]
+        self._head_timer = asyncio.get_running_loop().call_later(
+            self.guard.head_timeout, self._head_overdue
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.served.pop(self, None)
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def busy(self) -> bool:
+        """A request is in progress (its head has come, its response is not complete)."""
+        cycle = getattr(self, "cycle", None)
+        return cycle is not None and not cycle.response_complete
+
+    def _head_overdue(self) -> None:
+        if getattr(self, "cycle", None) is None:  # no request head so far
+            self.transport.close()  # type: ignore[attr-defined]
+
+
+def make_servers(
+    app: Any, listeners: Sequence[Listener], max_connections: int | None = None
+) -> list[ListenerServer]:
+    """One server per listener, at most `max_connections` (default: from the open-file limit)
+    over all of them; each listener's socket is replaced by one the guard accepts on."""
+    if max_connections is None:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        max_connections = connection_limit(soft, open_fds())
+    guard = ConnectionGuard(max_connections)
+    log.info("at most %d connections at a time", max_connections)
     servers = []
     for i, listener in enumerate(listeners):
         config = uvicorn.Config(
@@ -365,9 +649,14 @@ def make_servers(app: Any, listeners: Sequence[Listener]) -> list[ListenerServer
             proxy_headers=False,  # nothing sits in front of this daemon to be trusted
             server_header=False,
             timeout_graceful_shutdown=None,  # in-flight kernel calls are allowed to finish
+            # Not limit_concurrency: it answers 503 on a connection already accepted (holding
+            # its descriptor) and counts per listener; the guard bounds them at accept().
+            timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
             **listener.tls,
         )
         config.load()  # now, so a bad certificate or key fails before anything is served
+        config.http_protocol_class = guard.protocol(config.http_protocol_class)
+        listener.sock = guard.listening(listener.sock, bool(listener.tls))
         servers.append(ListenerServer(config, listener.label))
     return servers
 
@@ -419,9 +708,32 @@ async def serve_all(
             loop.remove_signal_handler(signum)
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft open-file limit to the hard one; returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel caps it at fs.nr_open
+        try:
+            want = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            return soft
+    if soft >= want:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, want, exc)
+        return soft
+    log.info("open-file limit raised from %d to %d", soft, want)
+    return want
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging()
+    repeats = configure_logging()
+    # First, before anything holds descriptors: every connection, attachment and container
+    # needs some, and the helper inherits the limit.
+    raise_fd_limit()
     # Before anything is started: the helper (hence every container) must neither inherit
     # $NOTIFY_SOCKET nor be born in the delegated cgroup's top, where processes cannot stay.
     notifier = Notifier.from_environ()
@@ -463,6 +775,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if service is not None:
             service.close()
     log.info("stopped")
+    for repeat in repeats:
+        repeat.flush()
     return 0
 
 

@@ -27,6 +27,11 @@ class Settings:
     # cgroup2 directory holding one cgroup per running container; None: our own cgroup's
     # "imageapi" child.
     cgroup_root: Path | None = None
+    # Keep the durable record (`<run_dir>/state.db`); off only for benchmarks: a restart then
+    # forgets everything.
+    durable: bool = True
+    # Seconds recovery may take, for the whole run, before the daemon serves anyway.
+    recovery_budget: float = 30.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -36,3 +41,7 @@ class Settings:
     @property
     def logs(self) -> Path:
         return self.log_dir or self.run_dir / "logs"
+
+    @property
+    def state_db(self) -> Path:
+        return self.run_dir / "state.db"

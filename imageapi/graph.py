@@ -21,7 +21,12 @@ Locking discipline — one lock, `Registry._lock`, and three rules:
    always runs on an object that no other request can reach in a conflicting way, and the
    uniqueness claims (e.g. "this image is mapped") are taken under the lock before building.
 
-Every committed change goes through `_commit`, the one place a durable journal will hook.
+Every committed change goes through `_commit`, which queues the changed node's row (under the
+lock: a few dictionary operations). The rows reach the durable record (`imageapi.journal`) in
+`_flush`, called by every operation after it has released the lock and before it answers:
+one transaction per batch, in commit order (`_flush_lock` orders the writers), so a read never
+waits behind a disk write. Ids are reserved in the record in blocks before they are handed
+out, so none is ever reused, even after a crash.
 """
 
 from __future__ import annotations
@@ -33,22 +38,38 @@ from typing import Any
 
 from imageapi.drivers.base import Driver, Need, Node, Spec
 from imageapi.errors import ApiError, BadRequest, Conflict, NotFound, SystemFault
+from imageapi.journal import Journal, NoJournal
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[[str, Node], None]
+Row = dict[str, Any]
+# Ids reserved in the record at a time: one write per block, not per object.
+ID_BLOCK = 64
 
 
 class Registry:
-    def __init__(self, drivers: Iterable[Driver]) -> None:
+    def __init__(self, drivers: Iterable[Driver], journal: Journal | None = None) -> None:
         self._drivers = {(d.collection, d.kind): d for d in drivers}
+        self._journal = journal or NoJournal()
         for driver in self._drivers.values():
             driver.on_change = self._changed
+            driver.journal = self._journal
         self._lock = threading.Lock()
         self._nodes: dict[int, Node] = {}
         self._claims: dict[Hashable, int] = {}  # claim -> holder id (0 while building)
         self._next_id = 1
+        self._id_mark = 1  # ids below this are reserved in the record
         self._listeners: list[Listener] = []
+        self._pending: list[tuple[int, Row | None]] = []  # committed, not yet written
+        self._flush_lock = threading.Lock()
+
+    @property
+    def journal(self) -> Journal:
+        return self._journal
+
+    def drivers(self) -> list[Driver]:
+        return list(self._drivers.values())
 
     # -- public API: what the handlers call ------------------------------------------------
 
@@ -57,7 +78,10 @@ class Registry:
 
     def create(self, collection: str, kind: str, spec: Spec) -> dict[str, Any]:
         self._check(collection, kind, spec)
-        node = self._create(collection, kind, spec, owned=False)
+        try:
+            node = self._create(collection, kind, spec, owned=False)
+        finally:
+            self._flush()
         with self._lock:
             return self._render(node)
 
@@ -90,7 +114,11 @@ class Registry:
                 raise Conflict(f"{what} {node.id} is in use by {names}")
             node.refs, node.api_held, node.status = 0, False, "destroying"
             self._commit("release", node)
-        self._teardown(node, restore=True)
+        try:
+            self._flush()  # "being destroyed" is on record before the first kernel call
+            self._teardown(node, restore=True)
+        finally:
+            self._flush()
         with self._lock:
             return self._render(node)  # as it ended: refs 0, a container's final state
 
@@ -109,7 +137,10 @@ class Registry:
         with self._lock:
             node = self._lookup(collection, kind, node_id)
         driver = self._drivers[(collection, kind)]
-        driver.change(node, target)  # kernel and process work: outside the lock
+        try:
+            driver.change(node, target)  # kernel and process work: outside the lock
+        finally:
+            self._flush()
         with self._lock:
             return self._render(node)
 
@@ -155,16 +186,12 @@ class Registry:
                     assert need.spec is not None
                     child = self._create(need.collection, need.kind, need.spec, owned=True)
                     resolved.append((need, child))
-            with self._lock:
-                # Reserved before building so the driver can name things after it (log files);
-                # a failed build burns its id, which is fine: ids are never reused anyway.
-                node_id = self._next_id
-                self._next_id += 1
+            node_id = self._new_id()
             node = Node(
                 id=node_id, collection=collection, kind=kind, spec=spec, needs=resolved,
-                state={}, api_held=not owned, claim=claim,
+                record={}, api_held=not owned, claim=claim,
             )
-            node.state = driver.build(node)
+            node.record = driver.build(node)
         except BaseException:
             if claim is not None:
                 with self._lock:
@@ -177,10 +204,26 @@ class Registry:
             for need, child in resolved:
                 if need.ref is None:
                     child.owner = node.id
+                    self._commit("own", child)
             self._nodes[node.id] = node
             self._commit("create", node)
         log.info("created %s %d", driver.noun, node.id)
         return node
+
+    def _new_id(self) -> int:
+        """Reserved before building, so the driver can name things after it (log files) and
+        announce its kernel steps; a failed build burns its id, which is fine: ids are never
+        reused anyway."""
+        with self._lock:
+            node_id = self._next_id
+            self._next_id += 1
+            mark = None
+            if self._next_id > self._id_mark:
+                mark = self._id_mark = self._next_id + ID_BLOCK
+        if mark is not None:
+            with self._flush_lock:
+                self._journal.reserve(mark)
+        return node_id
 
     def _take_claim(self, claim: Hashable, driver: Driver) -> None:
         with self._lock:
@@ -229,6 +272,7 @@ class Registry:
                 node.status = "destroying"
             self._commit("release", node)
         if dead:
+            self._flush()  # "being destroyed" is on record before the first kernel call
             self._teardown(node, restore=False)
 
     def _teardown(self, node: Node, restore: bool) -> None:
@@ -299,14 +343,38 @@ class Registry:
         with self._lock:
             if self._nodes.get(node.id) is node:
                 self._commit(event, node)
+        self._flush()
 
     def _render_as(self, node: Node, generic: bool) -> dict[str, Any]:
         view = self._render(node)
         return {"kind": node.kind, "mount_id": node.id, node.kind: view} if generic else view
 
     def _commit(self, event: str, node: Node) -> None:
+        """Lock held: queue the node's row (None: it is gone) for the next `_flush`."""
+        self._pending.append((node.id, None if event == "destroy" else self._row(node)))
         for listener in self._listeners:
             listener(event, node)
+
+    def _row(self, node: Node) -> Row:
+        driver = self._drivers[(node.collection, node.kind)]
+        return {
+            "id": node.id, "collection": node.collection, "kind": node.kind,
+            "spec": driver.recordable_spec(node.spec), "record": driver.record_of(node),
+            "refs": node.refs, "api_held": node.api_held, "owner": node.owner,
+            "status": node.status,
+            "claim": list(node.claim) if isinstance(node.claim, tuple) else node.claim,
+            "needs": [{"slot": need.slot, "collection": need.collection, "kind": need.kind,
+                       "id": dep.id, "ref": need.ref is not None} for need, dep in node.needs],
+        }  # fmt: skip
+
+    def _flush(self) -> None:
+        """Write what was committed, in order, outside the registry lock."""
+        with self._flush_lock:
+            with self._lock:
+                batch, self._pending = self._pending, []
+                mark = self._id_mark
+            if batch:
+                self._journal.write(batch, mark)
 
 
 def _a(noun: str) -> str:

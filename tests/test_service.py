@@ -756,7 +756,23 @@ def test_sigterm_leaves_containers_and_mounts_running(
             time.sleep(0.05)
         assert process_alive(pid)
         os.kill(pid, signal.SIGKILL)
-        # Its last container gone, the helper ends by itself.
+        # It ended while no daemon listened: the helper keeps its exit status for the next.
+        time.sleep(0.5)
+        assert process_alive(helper[0]), "the helper forgot an exit nobody had heard of"
+        server = start_bounded_server(
+            run_dir, "--rbd-sysfs", str(sim.sysfs), "--dev-dir", str(sim.devdir),
+            "--device-timeout", "5", "--stop-timeout", "2", "--cgroup-root", str(cgroup_root),
+        )
+        assert f"reconnected to the container helper (pid {helper[0]})" in server.log_text()
+        again = httpx.get(f"{server.url}{BASE}/container/byname/node-os", timeout=10).json()
+        assert again["id"] == container["id"] and again["state"] == "dead"
+        assert "killed by SIGKILL" in log.read_text()
+        r = httpx.delete(f"{server.url}{BASE}/container/byname/node-os", timeout=30)
+        assert r.status_code == 200, r.text
+        assert httpx.get(f"{server.url}{BASE}/mount", timeout=10).json() == []
+        pid = 0
+        assert server.stop() == 0
+        # Nothing runs and nothing is left to tell: the helper ends by itself.
         deadline = time.monotonic() + 10
         while process_alive(helper[0]):
             assert time.monotonic() < deadline, "the helper outlived its last container"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from imageapi.errors import ApiError, BadRequest
+from imageapi.errors import BadRequest
 from imageapi.service import Service
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,6 @@ Body = dict[str, Any]
 Reply = tuple[Any, int]
 
 CONTAINER = ("container", "container")  # collection and kind of containers in the registry
-CREATE_STATES = ("created", "running")  # what POST /container may ask for
 TARGET_STATES = ("running", "exited")  # what GET /container/{id}/{state} may ask for
 
 
@@ -138,21 +137,9 @@ class Handlers:
         return self.graph.list(*CONTAINER), 200
 
     def create_container(self, body: Body) -> Reply:
-        state = body.get("state", "created")
-        if state not in CREATE_STATES:
-            raise BadRequest(
-                f"state: a new container can only be 'created' or 'running', not {state!r}"
-            )
-        view = self.graph.create(*CONTAINER, body)
-        if state == "running":
-            try:
-                view = self.graph.change(*CONTAINER, view["id"], "running")
-            except Exception:
-                # A request that fails leaves nothing behind: remove what was just defined
-                # (with its inline mount), then report why the start failed.
-                self._discard_container(view["id"])
-                raise
-        return view, 201
+        # With "state": "running" the graph builds and starts it as one operation: a start
+        # that fails leaves nothing behind, inline mounts included.
+        return self.graph.create(*CONTAINER, body), 201
 
     def get_container(self, id: int) -> Reply:
         return self.graph.get(*CONTAINER, id), 200
@@ -178,13 +165,6 @@ class Handlers:
 
     def _container_id(self, name: str) -> int:
         return self.graph.find_name(*CONTAINER, name)
-
-    def _discard_container(self, id: int) -> None:
-        try:
-            self.graph.delete(*CONTAINER, id)
-        except ApiError as exc:
-            # The start's error is the one the client needs; this one goes to the log.
-            log.error("container %d: removing it after a failed start: %s", id, exc.message)
 
 
 def _check_target(state: str) -> None:

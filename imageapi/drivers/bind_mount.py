@@ -21,7 +21,7 @@ from typing import Any
 
 from imageapi.drivers import checks
 from imageapi.drivers.base import Node, Spec, State
-from imageapi.drivers.mountpoints import MountpointDriver, fresh_dir, mount_error, remove_dir
+from imageapi.drivers.mountpoints import MountpointDriver, mount_error, remove_dir
 from imageapi.errors import ApiError, BadRequest, SystemFault, describe_oserror
 from imageapi.kernel import mount as kmount
 
@@ -67,9 +67,10 @@ class BindMount(MountpointDriver):
         try:
             source = f"/proc/self/fd/{pinned}"
             self._refuse_own(os.readlink(source), path)
-            target = fresh_dir(self.mount_dir, "mount_")
+            target = self.fresh(node.id, "mount_")
             try:
-                kmount.mount(source, str(target), None, kmount.MS_BIND)
+                with self.step(node.id, "mount", path=str(target), source=path, fstype="bind"):
+                    kmount.mount(source, str(target), None, kmount.MS_BIND)
             except OSError as exc:
                 remove_dir(target)
                 raise mount_error(exc, f"cannot bind-mount {path}") from exc
@@ -91,7 +92,7 @@ class BindMount(MountpointDriver):
             "id": node.id,
             "path": node.spec["path"],
             "ro": node.spec["ro"],
-            "mountpoint": node.state["mountpoint"],
+            "mountpoint": node.record["mountpoint"],
         }
 
 

@@ -3,12 +3,14 @@
 Anything a client sends that reaches a sysfs control string or a mount(2) data string is
 checked here against an allow-list, so no value can smuggle a separator (`,` between
 options, whitespace between fields, `=` inside a value, `:` inside overlayfs lowerdir).
+Filesystem types and their options are held to `fs_options`' allow-lists besides.
 """
 
 from __future__ import annotations
 
 import re
 
+from imageapi.drivers import fs_options
 from imageapi.errors import BadRequest
 from imageapi.kernel.mount import FORBIDDEN_WORDS
 
@@ -30,12 +32,20 @@ def plain_name(value: object, field: str, max_len: int = 128) -> str:
 
 
 def fs_type(value: object) -> str:
+    """A filesystem that lives on a block device (see `fs_options`): an attach mount's."""
     if not isinstance(value, str) or not FS_TYPE.fullmatch(value) or len(value) > 64:
         raise BadRequest(f"fs_type: {value!r} is not a filesystem type name")
+    allowed = fs_options.allowed_filesystems()
+    if value not in allowed:
+        raise BadRequest(
+            f"fs_type: {value!r} is not a filesystem imageapi mounts from a block device; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
     return value
 
 
-def mount_options(value: object) -> list[str]:
+def mount_options(value: object, fs_type: str) -> list[str]:
+    """Options for `fs_type` (already checked): each one the allow-list has for it."""
     if value is None:
         return []
     if not isinstance(value, list):
@@ -49,6 +59,9 @@ def mount_options(value: object) -> list[str]:
             )
         if word.split("=", 1)[0] in FORBIDDEN_WORDS:
             raise BadRequest(f"mount_options[{i}]: {word!r} is not a filesystem option")
+        why = fs_options.check_option(word, fs_type)
+        if why is not None:
+            raise BadRequest(f"mount_options[{i}]: {word!r}: {why}")
         words.append(word)
     return words
 

@@ -7,16 +7,20 @@ builds that object and maps the API's state requests onto it.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import select
 import shlex
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
 from imageapi.drivers import checks
-from imageapi.drivers.base import Driver, Need, Node, Spec, State
+from imageapi.drivers.base import Driver, Need, Node, Record, Spec, State
 from imageapi.drivers.overlay_mount import generic_need
 from imageapi.errors import BadRequest
+from imageapi.journal import Intent
 from imageapi.kernel import seccomp
 from imageapi.kernel.ns import NAMESPACE_FLAGS
 from imageapi.runtime.cgroups import CgroupTree
@@ -33,6 +37,8 @@ CREATE_STATES = ("created", "running")
 TARGET_STATES = ("running", "exited")
 UNSUPPORTED_NAMESPACES = {"user": "user namespaces are not supported (mounting needs real root)"}
 PROFILES = ("node", "confined")  # what the container's root may do: README, "Security"
+
+log = logging.getLogger(__name__)
 
 
 class ContainerDriver(Driver):
@@ -53,6 +59,8 @@ class ContainerDriver(Driver):
         self.helper = helper
         self.cgroups = cgroups
         self.stop_timeout = stop_timeout
+        self.adopted: set[int] = set()  # ids of the containers found in the record
+        self._killed: set[int] = set()  # orphans killed at recovery
 
     def normalize(self, spec: Spec) -> Spec:
         out: Spec = {"mount": spec.get("mount")}
@@ -81,6 +89,7 @@ class ContainerDriver(Driver):
         state = spec.get("state", "created")
         if state not in CREATE_STATES:
             raise BadRequest(f"state: a new container is 'created' or 'running', not {state!r}")
+        out["state"] = state  # what to build: "running" starts it as part of the create
         namespaces = spec.get("namespaces")
         if namespaces is not None:
             if not isinstance(namespaces, list):
@@ -108,13 +117,13 @@ class ContainerDriver(Driver):
     def describe_claim(self, claim: Hashable) -> str:
         return f"the name {claim[1]!r}"  # type: ignore[index]
 
-    def build(self, node: Node) -> State:
+    def _container(self, node: Node) -> Container:
         spec = node.spec
         mount = node.needs[0][1]
         extra = [ns for ns in spec["namespaces"] or [] if ns not in ALWAYS]
         plan = Plan(
             cid=node.id,
-            root=mount.state["mountpoint"],
+            root=mount.record["mountpoint"],
             argv=spec["argv"],
             exe=spec["argv"][0],
             hostname=spec.get("name") or f"container-{node.id}",
@@ -122,20 +131,90 @@ class ContainerDriver(Driver):
             namespaces=extra,
             profile=spec.get("profile", "node"),
         )
+        log_path = node.record.get("log")
         container = Container(
             plan,
             helper=self.helper,
             cgroups=self.cgroups,
-            log_file=ContainerLog(self.log_dir, node.id),
+            log_file=ContainerLog(self.log_dir, node.id, Path(log_path) if log_path else None),
             stop_timeout=self.stop_timeout,
             on_change=lambda event: self.on_change(node, event),
+            step=lambda effect, **detail: self.step(node.id, effect, **detail),
         )
+        node.live["container"] = container
+        return container
+
+    def build(self, node: Node) -> State:
+        container = self._container(node)
         container.check(quiet=True)  # refuse now what a start would refuse
         container.log.event("container created")
-        return {"container": container}
+        if node.spec.get("state") == "running":
+            # One operation of the graph: the container is committed running, or not at all
+            # (a failed start undoes its own work; the graph releases its inline mount).
+            container.start()
+        return container.record()
+
+    def record_of(self, node: Node) -> Record:
+        container: Container | None = node.live.get("container")
+        return container.record() if container is not None else node.record
+
+    def adopt(self, node: Node) -> str | None:
+        self.adopted.add(node.id)
+        self._container(node).adopt(node.record, self.helper())
+        return None  # a container is never gone: one whose process ended is exited or dead
+
+    def undo(self, intent: Intent, held: Callable[[str, Any], bool]) -> str | None:
+        if intent.effect == "spawn":
+            greeting = self.helper().greeting
+            cid = intent.node_id
+            if cid in greeting.running or cid in greeting.starting:
+                self._kill_orphan(cid)
+                return f"killed its init (container {cid})"
+        if intent.effect == "cgroup" and intent.outcome and self.cgroups is not None:
+            path = Path(intent.outcome.get("path", ""))
+            if path.is_dir() and not held("cgroup", str(path)):
+                self.cgroups.remove(path)
+                return f"removed cgroup {path}"
+        return None
+
+    def sweep_orphans(self, recorded: set[str]) -> list[str]:
+        """Containers the helper runs for ids no record knows, and cgroups under our root that
+        no container records: what a crash left of a start that was never committed."""
+        done = []
+        helper = self.helper()
+        for cid in sorted({*helper.greeting.running, *helper.greeting.starting}):
+            if cid not in self.adopted and cid not in self._killed:
+                self._kill_orphan(cid)
+                done.append(f"container process of unknown container {cid} (killed)")
+        for cid in sorted(set(helper.greeting.ended) - self.adopted):
+            helper.ack(cid)
+        if self.cgroups is not None and self.cgroups.root.is_dir():
+            for path in sorted(self.cgroups.root.iterdir()):
+                if path.is_dir() and str(path) not in recorded:
+                    try:
+                        self.cgroups.remove(path)
+                        done.append(f"cgroup {path}")
+                    except OSError as exc:
+                        log.error("cannot remove cgroup %s: %s", path, exc)
+        return done
+
+    def _kill_orphan(self, cid: int, patience: float = 5.0) -> None:
+        """SIGKILL (through the helper) a container no record knows, and wait for it to end:
+        what it holds must be free before recovery tears down what it stood on."""
+        helper = self.helper()
+        pid = helper.greeting.running.get(cid)
+        try:
+            pidfd = os.pidfd_open(pid) if pid is not None else None
+        except ProcessLookupError:
+            pidfd = None
+        helper.kill(cid)
+        self._killed.add(cid)
+        if pidfd is not None:
+            select.select([pidfd], [], [], patience)  # readable once it has ended
+            os.close(pidfd)
 
     def change(self, node: Node, target: str) -> None:
-        container: Container = node.state["container"]
+        container: Container = node.live["container"]
         if target == "running":
             container.start()
         elif target == "exited":
@@ -145,11 +224,13 @@ class ContainerDriver(Driver):
             raise BadRequest(f"state: a container can be asked to be {allowed}, not {target!r}")
 
     def destroy(self, node: Node) -> None:
-        node.state["container"].remove()
+        container: Container | None = node.live.get("container")
+        if container is not None:
+            container.remove()
 
     def render(self, node: Node, embed: Callable[[Node], dict[str, Any]]) -> dict[str, Any]:
         spec = node.spec
-        container: Container = node.state["container"]
+        container: Container = node.live["container"]
         mount = node.needs[0][1]
         ref: dict[str, Any] = {"kind": mount.kind, "mount_id": mount.id}
         if node.owns(mount):

@@ -24,6 +24,8 @@ from typing import Any
 from imageapi.drivers import checks
 from imageapi.drivers.base import Driver, Node, Spec, State
 from imageapi.errors import ApiError, BadRequest, Conflict, SystemFault, describe_oserror
+from imageapi.journal import Intent
+from imageapi.kernel import statfs as kstatfs
 from imageapi.kernel.loop import Loop, LoopDevice
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,11 @@ class LoopbackAttach(Driver):
     kind = "loopback"
     noun = "loopback"
 
-    def __init__(self, loop: Loop | None = None) -> None:
+    def __init__(self, loop: Loop | None = None, tag: str = "") -> None:
         self.loop = loop or Loop()
+        # Written into each device we set up, so that one no record names (the record lost)
+        # is still recognised as ours at recovery.
+        self.tag = tag
         # Our attachments per file: identity -> {node id: read-only}; and our devices
         # ("loop3"), so the check against devices bound outside imageapi skips them.
         self._lock = threading.Lock()
@@ -57,11 +62,7 @@ class LoopbackAttach(Driver):
 
     def check_available(self, spec: Spec) -> None:
         # Early and friendly; `build` checks again, on the file it actually opens.
-        try:
-            st = os.stat(spec["path"])
-        except OSError as exc:
-            raise _path_error(exc, spec["path"]) from exc
-        _require_regular(st.st_mode, spec["path"])
+        os.close(_pin_image(spec["path"]))
 
     # -- kernel work -------------------------------------------------------------------------
 
@@ -75,21 +76,64 @@ class LoopbackAttach(Driver):
                 self._refuse_if_taken(identity, ro, path)
                 self._users.setdefault(identity, {})[node.id] = ro
             try:
-                device = self.loop.attach(backing_fd, read_only=ro, name=path)
+                with self.step(node.id, "loop-attach", path=path, backing=list(identity),
+                               ro=ro) as step:
+                    # No autoclear: the attachment is an object of the record, like an rbd
+                    # mapping, and outlives a daemon restart even while nothing mounts it.
+                    device = self.loop.attach(backing_fd, read_only=ro, name=path,
+                                              autoclear=False, tag=self.tag)
+                    step.done(number=device.number)
             except BaseException as exc:
                 self._forget(identity, node.id, None)
                 if isinstance(exc, OSError):
-                    raise SystemFault(describe_oserror(exc, f"cannot attach {path}")) from exc
+                    raise _attach_error(exc, path) from exc
                 raise
         finally:
             os.close(backing_fd)  # the loop device holds its own reference to the file
         with self._lock:
             self._devices.add(device.name)
+        node.live["device"] = device
         log.info(
             "attached %s as %s (%s, direct I/O %s)", path, device.path,
             "read-only" if device.read_only else "read-write", "on" if device.direct_io else "off",
         )  # fmt: skip
-        return {"device_file": device.path, "device": device}
+        return {"device_file": device.path, "number": device.number,
+                "backing": list(device.backing)}
+
+    def adopt(self, node: Node) -> str | None:
+        record = node.record
+        backing = (record["backing"][0], record["backing"][1])
+        device = self.loop.adopt(record["number"], backing, node.spec["ro"])
+        if device is None:
+            return f"{record['device_file']} is no longer bound to {node.spec['path']}"
+        node.live["device"] = device
+        with self._lock:
+            self._users.setdefault(backing, {})[node.id] = node.spec["ro"]
+            self._devices.add(device.name)
+        return None
+
+    def sweep_orphans(self, recorded: set[str], unmounted: list[str]) -> list[str]:
+        """Devices with our tag that no record holds (after the mounts on them are gone)."""
+        if not self.tag:
+            return []
+        done = []
+        for number, backing in self.loop.tagged(self.tag):
+            with self._lock:
+                ours = f"loop{number}" in self._devices
+            if not ours and self.loop.clear(number, backing):
+                done.append(f"loop device /dev/loop{number}")
+        return done
+
+    def undo(self, intent: Intent, held: Callable[[str, Any], bool]) -> str | None:
+        if intent.effect != "loop-attach":
+            return None
+        backing = (intent.detail["backing"][0], intent.detail["backing"][1])
+        numbers = [intent.outcome["number"]] if intent.outcome and "number" in intent.outcome \
+            else [int(b.name[4:]) for b in self.loop.bindings() if b.backing == backing]
+        for number in numbers:
+            if not held("number", number) and self.loop.clear(number, backing):
+                return f"detached /dev/loop{number} from {intent.detail['path']}"
+        return None
 
     def _refuse_if_taken(self, identity: Identity, ro: bool, path: str) -> None:
         """Lock held. A read-write attachment excludes every other one, ours or not."""
@@ -118,9 +162,13 @@ class LoopbackAttach(Driver):
                 self._devices.discard(device.name)
 
     def destroy(self, node: Node) -> None:
-        device: LoopDevice = node.state["device"]
+        device: LoopDevice | None = node.live.get("device")
+        if device is None:  # gone already (found so at recovery)
+            log.warning("%s was already detached outside imageapi", node.record["device_file"])
+            return
         try:
-            unbound = self.loop.detach(device)
+            with self.step(node.id, "loop-detach", number=device.number):
+                unbound = self.loop.detach(device)
         except OSError as exc:
             what = f"cannot detach {device.path}"
             if exc.errno == errno.EBUSY:
@@ -140,7 +188,7 @@ class LoopbackAttach(Driver):
             "id": node.id,
             "path": node.spec["path"],
             "ro": node.spec["ro"],
-            "device_file": node.state["device_file"],
+            "device_file": node.record["device_file"],
         }
 
 
@@ -149,18 +197,14 @@ def _why(ro: bool) -> str:
 
 
 def _open_image(path: str, ro: bool) -> int:
-    """Open the image file for the loop device, checking it is a regular file first.
+    """Open the image file for the loop device, checking it is an image file first.
 
     An O_PATH open has no side effects (a fifo does not block, a device is not opened), so
     the file is checked through that descriptor and then reopened through it — the same
     inode, whatever happens to the path meanwhile.
     """
+    pinned = _pin_image(path)
     try:
-        pinned = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except OSError as exc:
-        raise _path_error(exc, path) from exc
-    try:
-        _require_regular(os.fstat(pinned).st_mode, path)
         try:
             return os.open(f"/proc/self/fd/{pinned}",
                            (os.O_RDONLY if ro else os.O_RDWR) | os.O_CLOEXEC)  # fmt: skip
@@ -168,6 +212,32 @@ def _open_image(path: str, ro: bool) -> int:
             raise _path_error(OSError(exc.errno, exc.strerror, path), path) from exc
     finally:
         os.close(pinned)
+
+
+def _pin_image(path: str) -> int:
+    """An O_PATH descriptor of `path`, once it is known to be an image file: a regular file
+    with data, on a filesystem that stores data (not /proc, /sys and their kin, whose
+    "regular files" are kernel interfaces: /proc/self/mem, a sysfs attribute)."""
+    try:
+        pinned = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _path_error(exc, path) from exc
+    try:
+        st = os.fstat(pinned)
+        _require_regular(st.st_mode, path)
+        try:
+            pseudo = kstatfs.pseudo_filesystem(pinned, path)
+        except OSError as exc:
+            raise SystemFault(describe_oserror(exc, f"cannot statfs {path}")) from exc
+        if pseudo is not None:
+            raise BadRequest(f"path: {path} is a file of {pseudo}, a kernel interface, "
+                             "not an image file")  # fmt: skip
+        if st.st_size == 0:
+            raise BadRequest(f"path: {path} is empty (0 bytes), not an image file")
+    except BaseException:
+        os.close(pinned)
+        raise
+    return pinned
 
 
 def _require_regular(mode: int, path: str) -> None:
@@ -178,6 +248,14 @@ def _require_regular(mode: int, path: str) -> None:
         stat.S_IFBLK: "a block device", stat.S_IFIFO: "a fifo", stat.S_IFSOCK: "a socket",
     }.get(stat.S_IFMT(mode), "not a file")  # fmt: skip
     raise BadRequest(f"path: {path} is {what}, not a regular file (an image file)")
+
+
+def _attach_error(exc: OSError, path: str) -> ApiError:
+    # The file passed every check above, so an EINVAL is the loop driver refusing this file
+    # (one it cannot read through, e.g. on a filesystem without read_iter): the request's.
+    if exc.errno == errno.EINVAL:
+        return BadRequest(describe_oserror(exc, f"path: the loop driver cannot use {path}"))
+    return SystemFault(describe_oserror(exc, f"cannot attach {path}"))
 
 
 def _path_error(exc: OSError, path: str) -> ApiError:

@@ -21,7 +21,7 @@ from typing import Any
 
 from imageapi.drivers import checks
 from imageapi.drivers.base import Need, Node, Spec, State
-from imageapi.drivers.mountpoints import MountpointDriver, fresh_dir, mount_error, remove_dir
+from imageapi.drivers.mountpoints import MountpointDriver, mount_error, remove_dir
 from imageapi.errors import ApiError, BadRequest, SystemFault, describe_oserror
 from imageapi.kernel import mount as kmount
 
@@ -194,13 +194,15 @@ class OverlayMount(MountpointDriver):
         return [generic_need(item, f"lower[{i}]") for i, item in enumerate(spec["lower"])]
 
     def build(self, node: Node) -> State:
-        lowers = [dep.state["mountpoint"] for _need, dep in node.needs]
+        lowers = [dep.record["mountpoint"] for _need, dep in node.needs]
         made: list[Path] = []
         try:
             for prefix in ("mount_", "upper_", "work_"):
-                made.append(fresh_dir(self.mount_dir, prefix))
+                made.append(self.fresh(node.id, prefix))
             target, upper, work = made
-            legacy = mount_overlay(lowers, str(upper), str(work), str(target))
+            with self.step(node.id, "mount", path=str(target), source="overlay",
+                           fstype="overlay"):
+                legacy = mount_overlay(lowers, str(upper), str(work), str(target))
         except (OSError, ApiError) as exc:
             for path in reversed(made):
                 remove_dir(path, tree=True)
@@ -228,10 +230,10 @@ class OverlayMount(MountpointDriver):
             )
         return {"mountpoint": str(target), "upperdir": str(upper), "workdir": str(work)}
 
-    def destroy(self, node: Node) -> None:
-        super().destroy(node)
-        remove_dir(Path(node.state["upperdir"]), tree=True)
-        remove_dir(Path(node.state["workdir"]), tree=True)
+    private_dirs = ("upperdir", "workdir")
+
+    def fstype_of(self, node: Node) -> str | None:
+        return "overlay"
 
     def render(self, node: Node, embed: Callable[[Node], dict[str, Any]]) -> dict[str, Any]:
         lower = []
@@ -240,4 +242,4 @@ class OverlayMount(MountpointDriver):
             if node.owns(dep):
                 item[dep.kind] = embed(dep)
             lower.append(item)
-        return {"id": node.id, "lower": lower, **node.state}
+        return {"id": node.id, "lower": lower, **node.record}

@@ -23,6 +23,7 @@ from typing import Any
 from imageapi.drivers import checks
 from imageapi.drivers.base import Driver, Node, Spec, State
 from imageapi.errors import BadRequest, Conflict, SystemFault, describe_oserror, errno_name
+from imageapi.journal import Intent
 from imageapi.kernel.krbd import Krbd, KrbdUnavailable
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class RbdAttach(Driver):
         self.krbd = Krbd(sysfs)
         self.dev_dir = dev_dir
         self.device_timeout = device_timeout
+        self._adopted: set[int] = set()  # device ids found in the record at recovery
 
     # -- checking ----------------------------------------------------------------------------
 
@@ -124,14 +126,18 @@ class RbdAttach(Driver):
 
     def build(self, node: Node) -> State:
         spec = node.spec
-        before = self.krbd.device_ids()
-        try:
-            self.krbd.add(add_request(spec))
-        except KrbdUnavailable as exc:
-            raise SystemFault(describe_oserror(exc, "cannot map rbd images")) from exc
-        except OSError as exc:
-            raise _map_error(exc, spec, self.describe_claim(_identity(spec))) from exc
-        dev_id = self._find_new_device(before, _identity(spec))
+        pool, ns, image, snap = _identity(spec)
+        with self.step(node.id, "rbd-map", pool=pool, namespace=ns, image=image,
+                       snapshot=snap) as step:
+            before = self.krbd.device_ids()
+            try:
+                self.krbd.add(add_request(spec))
+            except KrbdUnavailable as exc:
+                raise SystemFault(describe_oserror(exc, "cannot map rbd images")) from exc
+            except OSError as exc:
+                raise _map_error(exc, spec, self.describe_claim(_identity(spec))) from exc
+            dev_id = self._find_new_device(before, _identity(spec))
+            step.done(device_id=dev_id)
         device = self.dev_dir / f"rbd{dev_id}"
         try:
             _wait_for_block_node(device, self.device_timeout)
@@ -140,6 +146,51 @@ class RbdAttach(Driver):
             raise
         log.info("mapped %s as %s", self.describe_claim(_identity(spec)), device)
         return {"device_id": dev_id, "device_file": str(device)}
+
+    def recordable_spec(self, spec: Spec) -> Spec:
+        return {**spec, "options": {k: v for k, v in spec["options"].items()
+                                    if k not in WRITE_ONLY}}
+
+    def _maps(self, dev_id: int, identity: tuple[str, ...]) -> bool:
+        """Whether device `dev_id` still maps that image (ids are reused after an unmap)."""
+        return _identity_of(self.krbd.identity(dev_id)) == identity
+
+    def adopt(self, node: Node) -> str | None:
+        dev_id = node.record["device_id"]
+        if not self._maps(dev_id, _identity(node.spec)):
+            return f"rbd{dev_id} no longer maps {self.describe_claim(_identity(node.spec))}"
+        self._adopted.add(dev_id)
+        return None
+
+    def sweep_orphans(self, recorded: set[str], unmounted: list[str]) -> list[str]:
+        """Devices that were mounted under our mount dir with nothing recording them: after a
+        lost record, what the mounts said is all that names them."""
+        done = []
+        for source in unmounted:
+            name = Path(source).name
+            if Path(source).parent != self.dev_dir or not name.startswith("rbd") \
+                    or not name[3:].isdigit() or int(name[3:]) in self._adopted:
+                continue
+            try:
+                _retry_busy(lambda n=int(name[3:]): self.krbd.remove(n))
+                done.append(f"rbd mapping {source}")
+            except OSError as exc:
+                log.error("recovery: cannot unmap %s: %s", source, exc)
+        return done
+
+    def undo(self, intent: Intent, held: Callable[[str, Any], bool]) -> str | None:
+        if intent.effect != "rbd-map":
+            return None
+        d = intent.detail
+        want = (d["pool"], d["namespace"], d["image"], d["snapshot"])
+        for dev_id in sorted(self.krbd.device_ids()):
+            if held("device_id", dev_id) or not self._maps(dev_id, want):
+                continue
+            # Mapped for an object that was never committed: no one else can have it (the
+            # claim on the image was ours), so it is ours to unmap.
+            self.krbd.remove(dev_id)
+            return f"unmapped rbd{dev_id} ({self.describe_claim(want)})"
+        return None
 
     def _find_new_device(self, before: set[int], want: tuple[str, ...]) -> int:
         for dev_id in sorted(self.krbd.device_ids() - before):
@@ -154,19 +205,23 @@ class RbdAttach(Driver):
             log.error("could not unmap rbd%d after a failed attach: %s", dev_id, exc)
 
     def destroy(self, node: Node) -> None:
-        dev_id = node.state["device_id"]
+        dev_id = node.record["device_id"]
         force = bool(node.spec["options"].get("force"))
-        try:
-            _retry_busy(lambda: self.krbd.remove(dev_id, force=force))
-        except OSError as exc:
-            if exc.errno == errno.ENOENT and not isinstance(exc, KrbdUnavailable):
-                log.warning("rbd%d was already unmapped outside imageapi", dev_id)
-                return
-            what = f"cannot unmap {node.state['device_file']}"
-            if exc.errno == errno.EBUSY:
-                raise Conflict(describe_oserror(exc, what + " (mounted or open)")) from exc
-            raise SystemFault(describe_oserror(exc, what)) from exc
-        log.info("unmapped %s", node.state["device_file"])
+        if not self._maps(dev_id, _identity(node.spec)):
+            log.warning("rbd%d was already unmapped outside imageapi", dev_id)
+            return
+        with self.step(node.id, "rbd-unmap", device_id=dev_id):
+            try:
+                _retry_busy(lambda: self.krbd.remove(dev_id, force=force))
+            except OSError as exc:
+                if exc.errno == errno.ENOENT and not isinstance(exc, KrbdUnavailable):
+                    log.warning("rbd%d was already unmapped outside imageapi", dev_id)
+                    return
+                what = f"cannot unmap {node.record['device_file']}"
+                if exc.errno == errno.EBUSY:
+                    raise Conflict(describe_oserror(exc, what + " (mounted or open)")) from exc
+                raise SystemFault(describe_oserror(exc, what)) from exc
+        log.info("unmapped %s", node.record["device_file"])
 
     def render(self, node: Node, embed: Callable[[Node], dict[str, Any]]) -> dict[str, Any]:
         spec = node.spec
@@ -176,7 +231,7 @@ class RbdAttach(Driver):
         if "snapshot" in spec:
             view["snapshot"] = spec["snapshot"]
         view["options"] = {k: v for k, v in spec["options"].items() if k not in WRITE_ONLY}
-        view.update(node.state)
+        view.update(node.record)
         return view
 
 

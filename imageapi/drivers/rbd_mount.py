@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from imageapi.drivers import checks
 from imageapi.drivers.base import Need, Node, Spec, State
-from imageapi.drivers.mountpoints import MountpointDriver, fresh_dir, mount_error, remove_dir
+from imageapi.drivers.mountpoints import MountpointDriver, mount_error, remove_dir
 from imageapi.errors import BadRequest
 from imageapi.kernel import mount as kmount
 
@@ -23,9 +23,10 @@ class DeviceMount(MountpointDriver):
     source_kind: ClassVar[str]
 
     def normalize(self, spec: Spec) -> Spec:
+        fs_type = checks.fs_type(spec.get("fs_type"))
         out: Spec = {
-            "fs_type": checks.fs_type(spec.get("fs_type")),
-            "mount_options": checks.mount_options(spec.get("mount_options")),
+            "fs_type": fs_type,
+            "mount_options": checks.mount_options(spec.get("mount_options"), fs_type),
         }
         ref_field = f"{self.source_kind}_id"
         ref = checks.reference(spec.get(ref_field), ref_field)
@@ -53,15 +54,20 @@ class DeviceMount(MountpointDriver):
         ]
 
     def build(self, node: Node) -> State:
-        source = node.needs[0][1].state["device_file"]
+        source = node.needs[0][1].record["device_file"]
         opts = kmount.parse_options(node.spec["mount_options"])
-        target = fresh_dir(self.mount_dir, "mount_")
+        target = self.fresh(node.id, "mount_")
         try:
-            kmount.mount(source, str(target), node.spec["fs_type"], opts.flags, opts.data)
+            with self.step(node.id, "mount", path=str(target), source=source,
+                           fstype=node.spec["fs_type"]):
+                kmount.mount(source, str(target), node.spec["fs_type"], opts.flags, opts.data)
         except OSError as exc:
             remove_dir(target)
             raise mount_error(exc, f"cannot mount {source} ({node.spec['fs_type']})") from exc
         return {"mountpoint": str(target)}
+
+    def fstype_of(self, node: Node) -> str | None:
+        return str(node.spec["fs_type"])
 
     def render(self, node: Node, embed: Callable[[Node], dict[str, Any]]) -> dict[str, Any]:
         _need, source = node.needs[0]
@@ -73,7 +79,7 @@ class DeviceMount(MountpointDriver):
         }
         if node.owns(source):
             view[self.source_kind] = embed(source)
-        view["mountpoint"] = node.state["mountpoint"]
+        view["mountpoint"] = node.record["mountpoint"]
         return view
 
 

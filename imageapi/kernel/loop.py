@@ -156,13 +156,19 @@ class Loop:
     # -- setting up ------------------------------------------------------------------------
 
     def attach(
-        self, backing_fd: int, *, read_only: bool, direct_io: bool = True, name: str = ""
+        self, backing_fd: int, *, read_only: bool, direct_io: bool = True, name: str = "",
+        autoclear: bool = True, tag: str = "",
     ) -> LoopDevice:
-        """Bind a free loop device to the open file `backing_fd`, with autoclear.
+        """Bind a free loop device to the open file `backing_fd`, with autoclear unless told.
 
         The backing file must be open read-only for a read-only device and read-write
         otherwise; the caller may close it afterwards. The device is returned open: closing
         `LoopDevice.fd` (see `detach`) is what unbinds it once nothing else has it open.
+        Without autoclear the device stays bound until `detach` clears it (whoever holds it).
+        `tag` prefixes the device's `lo_file_name` (informational: 64 bytes the kernel keeps
+        and reads back, which tools do not show): whoever set a device up can recognise it
+        later (`tagged`) without any other record. (`lo_crypt_name` would be the natural
+        place, but kernels since the loop driver lost its encryption no longer keep it.)
         """
         st = os.fstat(backing_fd)
         backing = (st.st_dev, st.st_ino)
@@ -176,7 +182,8 @@ class Loop:
                     continue
                 raise
             try:
-                flags = self._bind(fd, path, backing_fd, read_only, direct_io, name)
+                flags = self._bind(fd, path, backing_fd, read_only, direct_io, name,
+                                   autoclear, tag)
             except OSError as exc:
                 os.close(fd)
                 if exc.errno == errno.EBUSY:
@@ -216,16 +223,18 @@ class Loop:
                 time.sleep(0.01)
 
     def _bind(
-        self, fd: int, path: str, backing_fd: int, read_only: bool, direct_io: bool, name: str
+        self, fd: int, path: str, backing_fd: int, read_only: bool, direct_io: bool, name: str,
+        autoclear: bool = True, tag: str = "",
     ) -> int:
         """Bind and configure; returns the flags the device ended up with."""
-        flags = LO_FLAGS_AUTOCLEAR | (LO_FLAGS_READ_ONLY if read_only else 0)
+        flags = (LO_FLAGS_AUTOCLEAR if autoclear else 0) | (LO_FLAGS_READ_ONLY if read_only
+                                                             else 0)
         if self.use_configure is not False:
             tries = [flags | LO_FLAGS_DIRECT_IO, flags] if direct_io else [flags]
             for want in tries:
                 config = LoopConfig(fd=backing_fd)
                 config.info.lo_flags = want
-                _set_name(config.info, name)
+                _set_name(config.info, name, tag)
                 try:
                     _ioctl(fd, LOOP_CONFIGURE, config, path)
                 except OSError as exc:
@@ -234,20 +243,21 @@ class Loop:
                     raise
                 self.use_configure = True
                 return self.status(fd, path).lo_flags
-        flags = self._bind_old(fd, path, backing_fd, direct_io, name)
+        flags = self._bind_old(fd, path, backing_fd, direct_io, name, autoclear, tag)
         if self.use_configure is None:
             # EINVAL for LOOP_CONFIGURE, yet the old way works: a kernel before 5.8.
             log.info("LOOP_CONFIGURE is not known here: using LOOP_SET_FD from now on")
             self.use_configure = False
         return flags
 
-    def _bind_old(self, fd: int, path: str, backing_fd: int, direct_io: bool, name: str) -> int:
+    def _bind_old(self, fd: int, path: str, backing_fd: int, direct_io: bool, name: str,
+                  autoclear: bool = True, tag: str = "") -> int:
         """LOOP_SET_FD + LOOP_SET_STATUS64: read-only follows the backing file's open mode."""
         _ioctl(fd, LOOP_SET_FD, backing_fd, path)
         try:
             info = LoopInfo64()
-            info.lo_flags = LO_FLAGS_AUTOCLEAR
-            _set_name(info, name)
+            info.lo_flags = LO_FLAGS_AUTOCLEAR if autoclear else 0
+            _set_name(info, name, tag)
             _ioctl(fd, LOOP_SET_STATUS64, info, path)
         except OSError:
             _clear_quietly(fd, path)
@@ -258,6 +268,59 @@ class Loop:
             except OSError as exc:
                 log.debug("%s: no direct I/O (%s)", path, exc.strerror)
         return self.status(fd, path).lo_flags
+
+    def adopt(self, number: int, backing: tuple[int, int], read_only: bool) -> LoopDevice | None:
+        """Hold again a device bound earlier (by a previous run of the daemon): None unless
+        `/dev/loopN` is still bound to that very file (st_dev, st_ino)."""
+        path = str(self.dev_dir / f"loop{number}")
+        try:
+            fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+                return None
+            raise
+        try:
+            info = self.status(fd, path)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno == errno.ENXIO:
+                return None
+            raise
+        if (info.lo_device, info.lo_inode) != tuple(backing):
+            os.close(fd)
+            return None
+        with self._lock:
+            self._held.add(number)
+        return LoopDevice(number=number, path=path, fd=fd, backing=(backing[0], backing[1]),
+                          read_only=bool(info.lo_flags & LO_FLAGS_READ_ONLY),
+                          direct_io=bool(info.lo_flags & LO_FLAGS_DIRECT_IO))
+
+    def tagged(self, tag: str) -> list[tuple[int, tuple[int, int]]]:
+        """(number, backing) of every bound device whose `lo_crypt_name` is `tag`."""
+        found = []
+        for dev in sorted(self.sysfs.glob("loop[0-9]*")):
+            if not (dev / "loop").is_dir():
+                continue  # not bound
+            path = str(self.dev_dir / dev.name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                info = self.status(fd, path)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            if bytes(info.lo_file_name).startswith(tag.encode() + b" "):
+                found.append((int(dev.name[4:]), (info.lo_device, info.lo_inode)))
+        return found
+
+    def clear(self, number: int, backing: tuple[int, int]) -> bool:
+        """Unbind `/dev/loopN` if it is bound to that file and nobody of ours holds it."""
+        device = LoopDevice(number, str(self.dev_dir / f"loop{number}"), None,
+                            (backing[0], backing[1]), True, False)
+        return self._ours_and_bound(device, clear=True)
 
     # -- looking -----------------------------------------------------------------------------
 
@@ -348,8 +411,9 @@ class Loop:
             os.close(fd)  # if it was the last opener, this close unbinds it
 
 
-def _set_name(info: LoopInfo64, name: str) -> None:
-    raw = os.fsencode(name)[: LO_NAME_SIZE - 1]
+def _set_name(info: LoopInfo64, name: str, tag: str = "") -> None:
+    raw = ((tag.encode() + b" ") if tag else b"") + os.fsencode(name)
+    raw = raw[: LO_NAME_SIZE - 1]
     ctypes.memmove(info.lo_file_name, raw, len(raw))
 
 

@@ -26,9 +26,9 @@ class ContainerLog:
     lifecycle. Lost lines are counted, said once in the daemon's log, and noted in this log
     as soon as it takes writes again."""
 
-    def __init__(self, log_dir: Path, cid: int) -> None:
+    def __init__(self, log_dir: Path, cid: int, path: Path | None = None) -> None:
         self.cid = cid
-        self.path = log_dir / f"{cid}-{int(time.time())}.log"
+        self.path = path or log_dir / f"{cid}-{int(time.time())}.log"
         self._lock = threading.Lock()
         self._lost = 0
         self._lost_why = ""

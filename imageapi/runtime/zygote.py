@@ -15,12 +15,23 @@ must acknowledge its request within `SPARE_ANSWER_TIMEOUT`; one that does not is
 request goes the general way. A log that cannot be written (a full disk) loses output, counted
 and reported once, but never stops the helper.
 
-Protocol on the inherited SOCK_SEQPACKET socket, one JSON object per message:
-  daemon -> helper  {"op": "start", "id": N, ...request}   (see imageapi.runtime.client)
-  helper -> daemon  {"op": "started", "id": N, "pid": P} | {"op": "failed", "id": N, "error": T}
+Protocol (version 2): the helper listens on a SOCK_SEQPACKET unix socket,
+`<run_dir>/helper.sock` (0600), handed to it by the daemon that started it; one daemon at a
+time is connected, and a daemon that restarts connects to the same helper again. One JSON
+object per message:
+  daemon -> helper  {"op": "hello", "version": 2}                     (first, always)
+                    {"op": "start", "id": N, ...request}   (see imageapi.runtime.client)
+                    {"op": "ack", "id": N}      (an exit report is recorded: forget it)
+                    {"op": "kill", "id": N}     (SIGKILL a container nobody records)
+  helper -> daemon  {"op": "hello", "version": 2, "pid": P, "running": [{"id", "pid"}],
+                     "starting": [N, ...], "ended": [{"id", "pid", "status"}]}
+                    {"op": "busy"}              (another daemon is connected)
+                    {"op": "started", "id": N, "pid": P} | {"op": "failed", "id": N, "error": T}
                     {"op": "exited", "id": N, "pid": P, "status": S}   (a waitpid status)
-End of file on the socket (the daemon went away) stops the requests; the helper stays, reaping
-and relaying consoles, until the last container it started has ended.
+Every exit report is kept until the daemon acknowledges it, so a container that ends while
+no daemon is connected (stopped, restarting, crashed) has its real status told to the next.
+When the daemon goes away the helper serves no requests but stays, reaping and relaying
+consoles, until nothing runs and nothing is left to tell; then it exits.
 """
 
 from __future__ import annotations
@@ -155,30 +166,84 @@ class Running:
     lost_why: str = ""
 
 
+PROTOCOL_VERSION = 2
+FIRST_CONNECT_TIMEOUT = 30.0
+
+
 class Helper:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.sock: socket.socket | None = None  # the daemon's connection, once it said hello
+        self.ended: dict[int, dict[str, int]] = {}  # exit reports not yet acknowledged
+        self.doomed: set[int] = set()  # starts to kill on arrival (nobody records them)
         self.running: dict[int, Running] = {}  # host pid of a container's init -> its record
         self.consoles: dict[int, Running] = {}  # pty master fd -> record
         self.starting: dict[int, Starting] = {}  # report pipe fd -> start in progress
         self.spare: Spare | None = None
         self.making: Making | None = None
         self.spares_work = True  # cleared when making one fails: the general path remains
-        self.daemon_here = True
+
+    @property
+    def daemon_here(self) -> bool:
+        return self.sock is not None
 
     def send(self, message: dict[str, object]) -> None:
-        if self.daemon_here:
+        if self.sock is not None:
             try:
                 self.sock.send(json.dumps(message).encode())
             except OSError:
                 self.daemon_gone()
 
+    def accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        conn.set_inheritable(False)
+        if self.sock is not None:
+            # One daemon at a time: a second one on the same run directory is refused.
+            try:
+                conn.send(json.dumps({"op": "busy"}).encode())
+            except OSError:
+                pass
+            conn.close()
+            return
+        self.sock = conn
+        if self.spares_work and self.spare is None and self.making is None:
+            self.make_spare()
+
+    def hello(self, message: dict[str, object]) -> None:
+        if message.get("version") != PROTOCOL_VERSION:
+            self.send({"op": "hello", "version": PROTOCOL_VERSION,
+                       "error": f"protocol {message.get('version')!r} is not spoken here"})
+            self.daemon_gone()
+            return
+        self.send({
+            "op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(),
+            "running": [{"id": r.cid, "pid": pid} for pid, r in sorted(self.running.items())],
+            "starting": sorted(s.cid for s in self.starting.values()),
+            "ended": sorted(self.ended.values(), key=lambda e: e["id"]),
+        })
+
+    def kill(self, cid: int) -> None:
+        for pid, record in self.running.items():
+            if record.cid == cid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                return
+        if any(s.cid == cid for s in self.starting.values()):
+            self.doomed.add(cid)
+
     def daemon_gone(self) -> None:
         """The daemon went away (stopped or restarting): serve no more requests, but keep
         reaping and relaying consoles for the containers still running, which must not notice
-        their agent restarting; exit once the last one has ended."""
-        self.daemon_here = False
-        self.sock.close()
+        their agent restarting, and keep their exit reports for the next daemon; exit once
+        nothing runs and nothing is left to tell."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
         if self.spare is not None:
             self.spare.discard()
             self.spare = None
@@ -229,7 +294,9 @@ class Helper:
         pid = os.fork()
         if pid == 0:
             os.close(report_r)
-            self.sock.close()
+            self.listener.close()
+            if self.sock is not None:
+                self.sock.close()
             init.setup_process(request, report_w, log_fd)
         os.close(report_w)
         self._track(Starting(cid, request, report_r, console, log_fd,
@@ -300,11 +367,15 @@ class Helper:
         self.running[starting.init_pid] = record
         self.consoles[console.master] = record
         self.send({"op": "started", "id": starting.cid, "pid": starting.init_pid})
+        if starting.cid in self.doomed:
+            self.doomed.discard(starting.cid)
+            self.kill(starting.cid)
 
     def _fail(self, starting: Starting, error: str) -> None:
         os.close(starting.report_r)
         os.close(starting.log_fd)
         starting.console.close()
+        self.doomed.discard(starting.cid)
         self.send({"op": "failed", "id": starting.cid, "error": error})
 
     # -- spares -------------------------------------------------------------------------------
@@ -371,6 +442,7 @@ class Helper:
             if record is None:
                 continue  # a setup process, a discarded spare, or an init whose start failed
             self.close(record)
+            self.ended[record.cid] = {"id": record.cid, "pid": pid, "status": status}
             self.send({"op": "exited", "id": record.cid, "pid": pid, "status": status})
 
     def relay(self, record: Running) -> None:
@@ -431,13 +503,11 @@ class Helper:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        if self.spares_work:
-            self.make_spare()
-        while self.daemon_here or self.running or self.starting:
-            watched = [wake_r, *self.consoles, *self.starting]
+        while self.daemon_here or self.running or self.starting or self.ended:
+            watched = [wake_r, self.listener.fileno(), *self.consoles, *self.starting]
             if self.making is not None:
                 watched.append(self.making.report_r)
-            if self.daemon_here:
+            if self.sock is not None:
                 watched.append(self.sock.fileno())
             deadlines = [s.deadline for s in self.starting.values()]
             if self.making is not None:
@@ -475,12 +545,15 @@ class Helper:
             record = self.consoles.get(fd)
             if record is not None:
                 self.relay(record)
-        if self.daemon_here and self.sock.fileno() in ready:
+        if self.sock is not None and self.sock.fileno() in ready:
             self.serve_request()
+        if self.listener.fileno() in ready:
+            self.accept()
         if self.daemon_here and self.spares_work and self.spare is None and self.making is None:
             self.make_spare()  # after answering: off the next start's critical path
 
     def serve_request(self) -> None:
+        assert self.sock is not None
         try:
             message = self.sock.recv(1 << 20)
         except OSError:
@@ -490,17 +563,24 @@ class Helper:
             return
         try:
             request = json.loads(message)
-            cid = int(request["id"])
+            op = request["op"]
+            cid = int(request.get("id", 0))
         except (ValueError, KeyError, TypeError):
             say("ignored a malformed request")
             return
-        if request.get("op") != "start":
-            return
-        try:
-            self.start(request)
-        except Exception as exc:  # one bad start must not end the helper and every console
-            say(f"container {cid}: start failed: {exc!r}")
-            self.send({"op": "failed", "id": cid, "error": f"the helper could not start it: {exc}"})
+        if op == "hello":
+            self.hello(request)
+        elif op == "ack":
+            self.ended.pop(cid, None)
+        elif op == "kill":
+            self.kill(cid)
+        elif op == "start":
+            try:
+                self.start(request)
+            except Exception as exc:  # one bad start must not end the helper and every console
+                say(f"container {cid}: start failed: {exc!r}")
+                self.send({"op": "failed", "id": cid,
+                           "error": f"the helper could not start it: {exc}"})
 
 
 def _lines(data: bytes) -> list[bytes]:
@@ -511,11 +591,26 @@ def main(argv: list[str]) -> int:
     prctl.set_name("imageapi-helper")
     prctl.set_child_subreaper(True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we end
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     fd = int(argv[1])
     flags = fcntl.fcntl(fd, fcntl.F_GETFD)
     fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
-    sock = socket.socket(fileno=fd)
-    Helper(sock).serve()
+    listener = socket.socket(fileno=fd)
+    path = listener.getsockname()
+    ino = os.stat(path).st_ino if isinstance(path, str) and path else None
+    helper = Helper(listener)
+    # The daemon that started us connects at once; without it there is nothing to do.
+    ready, _, _ = select.select([listener], [], [], FIRST_CONNECT_TIMEOUT)
+    listener.setblocking(False)
+    if ready:
+        helper.accept()
+        helper.serve()
+    # The socket file goes with us, unless another helper has taken its name since.
+    try:
+        if ino is not None and os.stat(path).st_ino == ino:
+            os.unlink(path)
+    except OSError:
+        pass
     return 0
 
 

@@ -1,0 +1,363 @@
+"""State that survives the daemon: SIGTERM and SIGKILL restarts, containers that end while no
+daemon runs, a killed helper, a crash between every kernel call and its record, a corrupt
+record — against real servers on one run directory, the krbd simulator and real mounts.
+
+After every restart the graph must be consistent with the system: everything the API shows
+exists, everything imageapi made is shown, and once everything is deleted nothing is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import hostview
+from tests.apiclient import Api
+from tests.conftest import Server, build_squashfs, purge, start_server
+
+# Ends at once on a stop request; `/quit-N` in its root makes it exit with status N.
+WAITER = ("/bin/sh -c \"trap 'exit 0' TERM; while :; do for n in 0 3; do "
+          "[ -e /quit-$n ] && exit $n; done; sleep 0.1; done\"")
+
+
+@dataclass
+class Daemon:
+    """A server on one run directory, restarted as the test says."""
+
+    run_dir: Path
+    args: list[str]
+    server: Server | None = None
+    api: Api = field(init=False)
+
+    def start(self, **env: str) -> Daemon:
+        self.server = start_server(self.run_dir, *self.args, env=env or None)
+        self.api = Api(self.server.url)
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.server is not None
+        self.api.close()
+        self.server.proc.send_signal(sig)
+        self.server.proc.wait(30)
+
+    def restart(self, sig: int = signal.SIGKILL, **env: str) -> Daemon:
+        self.kill(sig)
+        return self.start(**env)
+
+    def log(self) -> str:
+        assert self.server is not None
+        return self.server.log_text()
+
+
+def helpers(run_dir: Path | None = None) -> set[int]:
+    """The helper processes: all of them, or the one listening in `run_dir`."""
+    found = {p for p in hostview.descendants(1) if hostview.comm(p) == "imageapi-helper"}
+    if run_dir is None:
+        return found
+    path = str(run_dir / "helper.sock")
+    inodes = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == path:
+            inodes.add(f"socket:[{fields[6]}]")
+    mine = set()
+    for pid in found:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    mine.add(pid)
+            except OSError:
+                pass
+    return mine
+
+
+def is_zygote(pid: int) -> bool:
+    """The helper's own forks (a spare being made) run its command line until they exec."""
+    try:
+        return b"imageapi.runtime.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def images(image_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("restart-images")
+    build_squashfs(image_tree, out / "local.sqsh")
+    return out
+
+
+@pytest.fixture
+def daemon(sim: Any, cgroup_root: Path, images: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    run_dir = tmp_path_factory.mktemp("restart") / "run"
+    d = Daemon(run_dir, ["--rbd-sysfs", str(sim.sysfs), "--dev-dir", str(sim.devdir),
+                         "--device-timeout", "5", "--stop-timeout", "2",
+                         "--cgroup-root", str(cgroup_root)])
+    yield d
+    # Whatever the test did, the last daemon takes everything down through the API.
+    if d.server is None or d.server.proc.poll() is not None:
+        d.start()
+    purged = purge(d.server.url)  # type: ignore[union-attr]
+    assert d.server is not None
+    assert d.server.stop() == 0, d.log()
+    assert not purged, f"objects left at the end: {purged}"
+    check_nothing_left(d, sim, images)
+    deadline = time.monotonic() + 10
+    while helpers(run_dir):
+        assert time.monotonic() < deadline, "a helper outlived its last container"
+        time.sleep(0.05)
+
+
+def check_nothing_left(d: Daemon, sim: Any, images: Path) -> None:
+    mounts = str(d.run_dir / "mounts")
+    assert [m for m in hostview.mounts() if m[0].startswith(mounts)] == []
+    assert hostview.tree(d.run_dir / "mounts") == set()
+    assert [dev for dev, f in hostview.loop_devices().items() if f.startswith(str(images))] == []
+    assert sim.mapped() == []
+
+
+def rbd_spec(cluster: Any, image: str = "systemd.sqsh", pool: str = "rbd") -> dict[str, Any]:
+    return {"monitors": list(cluster.monitors), "pool": pool, "image": image,
+            "options": {"ro": True, "name": cluster.key_name, "secret": cluster.secret}}
+
+
+def kraken_container(cluster: Any, name: str = "kraken") -> dict[str, Any]:
+    """What Kraken sends: one nested POST, the rbd defined inline, running at once."""
+    return {"name": name, "command": WAITER, "state": "running",
+            "mount": {"kind": "overlay", "overlay": {"lower": [{"kind": "rbd", "rbd": {
+                "fs_type": "squashfs", "mount_options": ["ro"], "rbd": rbd_spec(cluster)}}]}}}
+
+
+def everything(api: Api) -> dict[str, Any]:
+    return {path: api.get(path) for path in ("/attach/rbd", "/attach/loopback", "/mount",
+                                             "/container")}
+
+
+def check_consistent(d: Daemon, sim: Any, images: Path, cgroup_root: Path) -> dict[str, Any]:
+    """Everything the API shows exists; everything imageapi made is shown."""
+    seen = everything(d.api)
+    assert {str(r["device_id"]) for r in seen["/attach/rbd"]} == set(sim.mapped())
+    ours = {f"/dev/{dev}" for dev, f in hostview.loop_devices().items()
+            if f.startswith(str(images))}
+    assert {a["device_file"] for a in seen["/attach/loopback"]} == ours
+    mount_dir = str(d.run_dir / "mounts")
+    shown = {m[m["kind"]]["mountpoint"] for m in seen["/mount"]}
+    mounted = {m[0] for m in hostview.mounts() if m[0].startswith(mount_dir + "/")}
+    assert shown == mounted
+    dirs = set(shown)
+    for m in seen["/mount"]:
+        if m["kind"] == "overlay":
+            dirs |= {m["overlay"]["upperdir"], m["overlay"]["workdir"]}
+    assert {str(d.run_dir / "mounts" / p) for p in hostview.tree(d.run_dir / "mounts")
+            if "/" not in p} == dirs
+    running = {c["pid"] for c in seen["/container"] if c["state"] in ("running", "stopping")}
+    for c in seen["/container"]:
+        if c["state"] in ("running", "stopping"):
+            root = os.readlink(f"/proc/{c['pid']}/root")
+            assert root == "/", root  # it pivoted; its mount table holds its image
+    inits = {p for h in helpers(d.run_dir) for p in hostview.descendants(h)
+             if _ppid(p) == h and not is_zygote(p)}
+    assert inits == running, (inits, running)
+    cgroups = {p.name for p in cgroup_root.iterdir() if p.is_dir()} if cgroup_root.exists() \
+        else set()
+    assert cgroups == {f"container-{c['id']}" for c in seen["/container"]
+                       if c["systemd"] and c["state"] in ("running", "stopping")}
+    return seen
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
+def wait_state(api: Api, path: str, states: set[str], timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        view = api.get(path)
+        if view["state"] in states:
+            return view
+        assert time.monotonic() < deadline, f"{path} still {view['state']}, wanted {states}"
+        time.sleep(0.05)
+
+
+def build_world(d: Daemon, cluster: Any, images: Path) -> dict[str, Any]:
+    api = d.api
+    kraken = api.post("/container", kraken_container(cluster))
+    rbd = api.post("/attach/rbd", rbd_spec(cluster, image="base", pool="images"))
+    mnt = api.post("/mount/rbd", {"rbd_id": rbd["id"], "fs_type": "squashfs",
+                                  "mount_options": ["ro"]})
+    ovl = api.post("/mount/overlay", {"lower": [{"kind": "rbd", "mount_id": mnt["id"]}]})
+    later = api.post("/container", {"name": "later", "command": WAITER,
+                                    "mount": {"kind": "overlay", "mount_id": ovl["id"]}})
+    bare = api.post("/attach/loopback", {"path": str(images / "local.sqsh")})
+    return {"kraken": kraken, "later": later, "bare": bare, "overlay": ovl, "mount": mnt,
+            "rbd": rbd}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_restart_brings_everything_back(daemon: Daemon, sig: int, cluster: Any, sim: Any,
+                                        images: Path, cgroup_root: Path) -> None:
+    daemon.start()
+    world = build_world(daemon, cluster, images)
+    before = check_consistent(daemon, sim, images, cgroup_root)
+    helper = helpers(daemon.run_dir)
+    assert len(helper) == 1
+    daemon.restart(sig)
+    assert helpers(daemon.run_dir) == helper, "a second helper was started"
+    assert "reconnected to the container helper" in daemon.log()
+    after = check_consistent(daemon, sim, images, cgroup_root)
+    for path in before:
+        assert after[path] == before[path], path
+    api = daemon.api
+    # Its console still reaches its log.
+    pid = world["kraken"]["pid"]
+    subprocess.run(["nsenter", "-t", str(pid), "-a", "/bin/sh", "-c",
+                    "echo console-after-restart > /dev/console"], check=True, timeout=10)
+    log = Path(world["kraken"]["logfile"])
+    deadline = time.monotonic() + 10
+    while "console-after-restart" not in log.read_text():
+        assert time.monotonic() < deadline, "the console is no longer relayed"
+        time.sleep(0.05)
+    assert "re-adopted" in log.read_text()
+    # Stop by name, start, delete: all work on what came back.
+    assert api.get("/container/byname/kraken/exited")["state"] in ("stopping", "exited")
+    assert wait_state(api, "/container/byname/kraken", {"exited", "dead"})["state"] == "exited"
+    started = api.get("/container/byname/later/running")
+    assert started["state"] == "running" and started["pid"] > 0
+    # Ids go on from where they were: never reused.
+    fresh = api.post("/attach/loopback", {"path": str(images / "local.sqsh")})
+    assert fresh["id"] > max(o["id"] for o in world.values())
+    for name in ("kraken", "later"):
+        api.delete(f"/container/byname/{name}")
+    for path in (f"/mount/overlay/{world['overlay']['id']}", f"/mount/rbd/{world['mount']['id']}",
+                 f"/attach/rbd/{world['rbd']['id']}", f"/attach/loopback/{world['bare']['id']}",
+                 f"/attach/loopback/{fresh['id']}"):
+        api.delete(path)
+    check_consistent(daemon, sim, images, cgroup_root)
+
+
+def test_containers_that_end_while_no_daemon_runs(daemon: Daemon, cluster: Any, sim: Any,
+                                                  images: Path, cgroup_root: Path) -> None:
+    daemon.start()
+    api = daemon.api
+    base = api.post("/mount", {"kind": "rbd", "rbd": {
+        "fs_type": "squashfs", "mount_options": ["ro"], "rbd": rbd_spec(cluster)}})
+    made = {}
+    for code in (0, 3):
+        made[code] = api.post("/container", {
+            "name": f"ends-{code}", "command": WAITER, "state": "running",
+            "mount": {"kind": "overlay", "overlay": {"lower": [
+                {"kind": "rbd", "mount_id": base["mount_id"]}]}}})
+    daemon.kill(signal.SIGTERM)
+    for code, c in made.items():
+        Path(c["mount"]["overlay"]["mountpoint"], f"quit-{code}").touch()
+    for c in made.values():
+        deadline = time.monotonic() + 10
+        while hostview.comm(c["pid"]):
+            assert time.monotonic() < deadline, "the container did not end"
+            time.sleep(0.05)
+    daemon.start()
+    assert api is not daemon.api
+    assert daemon.api.get("/container/byname/ends-0")["state"] == "exited"
+    assert daemon.api.get("/container/byname/ends-3")["state"] == "dead"
+    log = Path(made[3]["logfile"]).read_text()
+    assert "the container had ended meanwhile" in log and "exited with status 3" in log
+    check_consistent(daemon, sim, images, cgroup_root)
+    for code in (0, 3):
+        daemon.api.delete(f"/container/byname/ends-{code}")
+    daemon.api.delete(f"/mount/rbd/{base['mount_id']}")
+
+
+def test_a_killed_helper_is_replaced_and_its_containers_still_watched(
+    daemon: Daemon, cluster: Any, sim: Any, images: Path, cgroup_root: Path
+) -> None:
+    daemon.start()
+    api = daemon.api
+    old = api.post("/container", kraken_container(cluster, "old"))
+    (helper,) = helpers(daemon.run_dir)
+    os.kill(helper, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while "the container helper exited" not in daemon.log():
+        assert time.monotonic() < deadline, "the daemon did not notice its helper died"
+        time.sleep(0.05)
+    # A new helper serves new containers.
+    rbd = api.post("/attach/rbd", rbd_spec(cluster, image="base", pool="images"))
+    lower = {"kind": "rbd", "rbd": {"fs_type": "squashfs", "mount_options": ["ro"],
+                                    "rbd_id": rbd["id"]}}
+    new = api.post("/container", {"name": "new", "command": WAITER, "state": "running",
+                                  "mount": {"kind": "overlay", "overlay": {"lower": [lower]}}})
+    assert new["state"] == "running"
+    assert hostview.comm(helper) == "", "the dead helper was not reaped"
+    assert len(helpers(daemon.run_dir)) == 1
+    # The old container's end is still noticed (its pidfd), its status unknown.
+    os.kill(old["pid"], signal.SIGKILL)
+    ended = wait_state(api, "/container/byname/old", {"exited", "dead"})
+    assert ended["state"] == "dead"
+    assert "could not be known" in Path(old["logfile"]).read_text()
+    for name in ("old", "new"):
+        api.delete(f"/container/byname/{name}")
+    api.delete(f"/attach/rbd/{rbd['id']}")
+
+
+def test_ids_are_never_reused(daemon: Daemon, images: Path) -> None:
+    daemon.start()
+    seen = []
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+        a = daemon.api.post("/attach/loopback", {"path": str(images / "local.sqsh")})
+        daemon.api.delete(f"/attach/loopback/{a['id']}")
+        seen.append(a["id"])
+        daemon.restart(sig)
+    assert seen == sorted(set(seen)), seen
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_a_lost_record_is_reported_and_the_system_cleaned(
+    daemon: Daemon, damage: str, cluster: Any, sim: Any, images: Path, cgroup_root: Path
+) -> None:
+    daemon.start()
+    build_world(daemon, cluster, images)
+    daemon.kill(signal.SIGKILL)
+    db = daemon.run_dir / "state.db"
+    if damage == "corrupt":
+        for suffix in ("-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        db.write_bytes(b"this is not a database " * 100)
+    else:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+    daemon.start()
+    log = daemon.log()
+    if damage == "corrupt":
+        assert "the durable record could not be used" in log
+        kept = [p.name for p in daemon.run_dir.iterdir() if p.name.startswith("state.db.corrupt")]
+        assert kept, "the corrupt record was not kept aside"
+        for name in kept:
+            (daemon.run_dir / name).unlink()
+    # It starts with what the system shows, cleaning what it made: the containers the
+    # helper runs, the mounts under its mount dir and the devices under them, and the loop
+    # devices it tagged as its own.
+    assert everything(daemon.api) == {"/attach/rbd": [], "/attach/loopback": [], "/mount": [],
+                                      "/container": []}
+    assert "which nothing records" in log
+    check_consistent(daemon, sim, images, cgroup_root)
+
+
+def test_a_second_daemon_on_the_same_run_dir_is_refused(daemon: Daemon) -> None:
+    daemon.start()
+    with pytest.raises(RuntimeError, match="another imageapi daemon uses this run directory"):
+        start_server(daemon.run_dir, *daemon.args)
+    assert daemon.api.get("/container") == []
