@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests import hostview
@@ -168,13 +169,22 @@ def check_consistent(d: Daemon, sim: Any, images: Path, cgroup_root: Path) -> di
             root = os.readlink(f"/proc/{c['pid']}/root")
             assert root == "/", root  # it pivoted; its mount table holds its image
     inits = {p for h in helpers(d.run_dir) for p in hostview.descendants(h)
-             if _ppid(p) == h and not is_zygote(p)}
-    assert inits == running, (inits, running)
+             if _ppid(p) == h and not is_zygote(p) and not hostview.comm(p).startswith(
+                 "imageapi-") and not _zombie(p)}
+    assert inits == running, {p: (hostview.comm(p), _ppid(p), Path(f"/proc/{p}/cmdline")
+                                  .read_bytes()[:80]) for p in inits ^ running}
     cgroups = {p.name for p in cgroup_root.iterdir() if p.is_dir()} if cgroup_root.exists() \
         else set()
     assert cgroups == {f"container-{c['id']}" for c in seen["/container"]
                        if c["systemd"] and c["state"] in ("running", "stopping")}
     return seen
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def _ppid(pid: int) -> int:
@@ -361,3 +371,64 @@ def test_a_second_daemon_on_the_same_run_dir_is_refused(daemon: Daemon) -> None:
     with pytest.raises(RuntimeError, match="another imageapi daemon uses this run directory"):
         start_server(daemon.run_dir, *daemon.args)
     assert daemon.api.get("/container") == []
+
+
+def trace_boundaries(daemon: Daemon, cluster: Any, tmp: Path) -> tuple[list[str], list[str]]:
+    """The intent/outcome boundaries of Kraken's nested create and of its delete, in order."""
+    trace = tmp / "boundaries"
+    daemon.start(IMAGEAPI_TEST_TRACE_INTENTS=str(trace))
+    daemon.api.post("/container", kraken_container(cluster))
+    created = trace.read_text().splitlines()
+    daemon.api.delete("/container/byname/kraken")
+    deleted = trace.read_text().splitlines()[len(created):]
+    daemon.kill(signal.SIGTERM)
+    return [line.split()[1] for line in created], [line.split()[1] for line in deleted]
+
+
+def crash_during(daemon: Daemon, method: str, path: str, body: Any = None) -> None:
+    assert daemon.server is not None
+    try:
+        r = httpx.request(method, f"{daemon.server.url}/imageapi/v1{path}", json=body,
+                          timeout=60)
+        raise AssertionError(f"the daemon answered {r.status_code} instead of dying: {r.text}")
+    except httpx.TransportError:
+        pass
+    assert daemon.server.proc.wait(30) == -signal.SIGKILL
+    daemon.api.close()
+
+
+def settle_and_clean(daemon: Daemon, sim: Any, images: Path, cgroup_root: Path,
+                     where: str) -> None:
+    daemon.start()
+    try:
+        check_consistent(daemon, sim, images, cgroup_root)
+    except AssertionError as exc:
+        raise AssertionError(f"after a crash at {where}: {exc}\n{daemon.log()}") from exc
+    assert daemon.server is not None
+    purge(daemon.server.url)
+    assert everything(daemon.api) == {"/attach/rbd": [], "/attach/loopback": [], "/mount": [],
+                                      "/container": []}, where
+    check_consistent(daemon, sim, images, cgroup_root)
+    check_nothing_left(daemon, sim, images)
+    daemon.kill(signal.SIGTERM)
+
+
+def test_a_crash_at_every_step_of_a_nested_create_and_delete(
+    daemon: Daemon, cluster: Any, sim: Any, images: Path, cgroup_root: Path,
+    tmp_path: Path,
+) -> None:
+    create, delete = trace_boundaries(daemon, cluster, tmp_path)
+    effects = {b.split(":")[0] for b in create + delete}
+    assert {"rbd-map", "mkdir", "mount", "spawn", "stop", "unmount", "rmdir",
+            "rbd-unmap"} <= effects, effects
+    for i, where in enumerate(create, 1):
+        daemon.start(IMAGEAPI_TEST_CRASH_AT=str(i))
+        crash_during(daemon, "POST", "/container", kraken_container(cluster))
+        settle_and_clean(daemon, sim, images, cgroup_root, f"create step {i} ({where})")
+    for i, where in enumerate(delete, 1):
+        daemon.start()
+        daemon.api.post("/container", kraken_container(cluster))
+        daemon.restart(signal.SIGTERM, IMAGEAPI_TEST_CRASH_AT=str(i))
+        crash_during(daemon, "DELETE", "/container/byname/kraken")
+        settle_and_clean(daemon, sim, images, cgroup_root, f"delete step {i} ({where})")
+    daemon.start()

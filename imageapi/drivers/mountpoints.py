@@ -56,7 +56,11 @@ def unmount(mountpoint: Path) -> None:
     try:
         kmount.umount(str(mountpoint), kmount.UMOUNT_NOFOLLOW)
     except OSError as exc:
-        if exc.errno == errno.EINVAL and not kmount.is_mountpoint(str(mountpoint)):
+        # EINVAL: not a mountpoint; ENOENT: not even a directory (a destroy cut short after
+        # its rmdir, finished at recovery): either way, already done.
+        if exc.errno in (errno.EINVAL, errno.ENOENT) and not kmount.is_mountpoint(
+            str(mountpoint)
+        ):
             log.warning("%s was already unmounted outside imageapi", mountpoint)
             return
         if exc.errno == errno.EBUSY:
