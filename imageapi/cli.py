@@ -127,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="seconds to wait for /dev/rbdN after a map (default 10)",
     )
+    state = p.add_argument_group("durable state")
+    state.add_argument(
+        "--no-state",
+        action="store_true",
+        help="keep no durable record (RUN_DIR/state.db): a restart then forgets every object "
+        "(for benchmarks; never on a node)",
+    )
+    state.add_argument(
+        "--recovery-budget",
+        type=float,
+        help="seconds the recovery before serving may take in all (default 30)",
+    )
     box = p.add_argument_group("containers")
     box.add_argument(
         "--stop-timeout",
@@ -152,7 +164,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}: not a port number")
     if "https" in args.scheme and not (args.tls_certificate and args.tls_key):
         parser.error("--scheme https needs --tls-certificate and --tls-key")
-    for name in ("device_timeout", "stop_timeout"):
+    for name in ("device_timeout", "stop_timeout", "recovery_budget"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')}: must be positive")
@@ -165,10 +177,11 @@ def settings_from(args: argparse.Namespace, cgroup_root: Path | None = None) -> 
     if cgroup_root is not None:
         given["cgroup_root"] = cgroup_root
     for name in ("mount_dir", "log_dir", "rbd_sysfs", "dev_dir", "device_timeout", "stop_timeout",
-                 "cgroup_root"):
+                 "cgroup_root", "recovery_budget"):
         value = getattr(args, name)
         if value is not None:
             given[name] = value
+    given["durable"] = not args.no_state
     return Settings(**given)
 
 
@@ -178,16 +191,17 @@ class RepeatFilter(logging.Filter):
     rest are counted, and once their window has passed one record says how many were left
     out. A fault that repeats in a tight loop (asyncio logs every failed accept() with its
     traceback) then costs a few lines a minute, not gigabytes; ordinary records, whose values
-    differ (`attached %s as %s`), pass."""
+    differ (`attached %s as %s`), pass. At most `max_kinds` kinds are remembered at a time,
+    so a busy daemon's distinct records cost bounded memory."""
 
     def __init__(
         self, handler: logging.Handler, burst: int = 10, template_burst: int = 1000,
-        window: float = 60.0, clock: Callable[[], float] = time.monotonic,
+        window: float = 60.0, max_kinds: int = 2048, clock: Callable[[], float] = time.monotonic,
     ) -> None:  # fmt: skip
         super().__init__()
         self.handler = handler  # where the summaries go
         self.burst, self.template_burst = burst, template_burst
-        self.window, self.clock = window, clock
+        self.window, self.max_kinds, self.clock = window, max_kinds, clock
         self._lock = threading.Lock()
         # (how, logger, level, text) -> [window start, records in the window, records left out]
         self._kinds: dict[tuple[str, str, int, str], list[Any]] = {}
@@ -211,6 +225,16 @@ class RepeatFilter(logging.Filter):
     def _count(self, kind: tuple[str, str, int, str], now: float, burst: int) -> bool:
         seen = self._kinds.get(kind)
         if seen is None:
+            if len(self._kinds) >= self.max_kinds:
+                # Forget identical records with nothing left out (at worst they get a new
+                # burst), then templates so: few, they hold the ceiling on varying floods.
+                for how in ("same", "like"):
+                    for quiet in [k for k, v in self._kinds.items() if k[0] == how and not v[2]]:
+                        del self._kinds[quiet]
+                    if len(self._kinds) < self.max_kinds:
+                        break
+                if len(self._kinds) >= self.max_kinds:
+                    return True  # all of them floods: this one passes, uncounted
             seen = self._kinds[kind] = [now, 0, 0]
             self._next_expiry = min(self._next_expiry, now + self.window)
         seen[1] += 1

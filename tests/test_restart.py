@@ -23,6 +23,7 @@ import pytest
 from tests import hostview
 from tests.apiclient import Api
 from tests.conftest import Server, build_squashfs, purge, start_server
+from tests.krbdsim.harness import add_image
 
 # Ends at once on a stop request; `/quit-N` in its root makes it exit with status N.
 WAITER = ("/bin/sh -c \"trap 'exit 0' TERM; while :; do for n in 0 3; do "
@@ -432,3 +433,39 @@ def test_a_crash_at_every_step_of_a_nested_create_and_delete(
         crash_during(daemon, "DELETE", "/container/byname/kraken")
         settle_and_clean(daemon, sim, images, cgroup_root, f"delete step {i} ({where})")
     daemon.start()
+
+
+def test_a_booted_systemd_survives_a_restart_and_halts_cleanly(
+    daemon: Daemon, cluster: Any, systemd_squashfs: Path, sim: Any, images: Path,
+    cgroup_root: Path,
+) -> None:
+    add_image(cluster, "rbd", "debian-restart", systemd_squashfs)
+    daemon.args[daemon.args.index("--stop-timeout") + 1] = "30"  # systemd's halt, not SIGKILL
+    daemon.start()
+    c = daemon.api.post("/container", {
+        "name": "node", "systemd": True, "command": "/usr/lib/systemd/systemd",
+        "state": "running",
+        "mount": {"kind": "overlay", "overlay": {"lower": [{"kind": "rbd", "rbd": {
+            "fs_type": "squashfs", "mount_options": ["ro"],
+            "rbd": rbd_spec(cluster, image="debian-restart")}}]}}})
+
+    def system_state() -> str:
+        return subprocess.run(["nsenter", "-t", str(c["pid"]), "-a", "systemctl",
+                               "is-system-running"], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+
+    deadline = time.monotonic() + 90
+    while system_state() != "running":
+        assert time.monotonic() < deadline, f"systemd did not boot: {system_state()}"
+        time.sleep(0.5)
+    daemon.restart(signal.SIGKILL)
+    check_consistent(daemon, sim, images, cgroup_root)
+    assert daemon.api.get("/container/byname/node")["pid"] == c["pid"]
+    assert system_state() == "running"
+    daemon.api.get("/container/byname/node/exited")
+    final = wait_state(daemon.api, "/container/byname/node", {"exited", "dead"}, 60)
+    log = Path(c["logfile"]).read_text()
+    assert final["state"] == "exited", log[-3000:]
+    assert "stop timeout" not in log, "systemd had to be killed: it did not halt in time"
+    assert not (cgroup_root / f"container-{c['id']}").exists()
+    daemon.api.delete("/container/byname/node")
