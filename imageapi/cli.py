@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(for benchmarks; never on a node)",
     )
     state.add_argument(
+        "--drain",
+        action="store_true",
+        help="instead of serving: recover, then stop every container and tear down every "
+        "mount and attachment, and exit (0 once nothing is left)",
+    )
+    state.add_argument(
         "--recovery-budget",
         type=float,
         help="seconds the recovery before serving may take in all (default 30)",
@@ -787,7 +793,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from imageapi.app import create_app
         from imageapi.service import Service
 
+        # Recovery runs here, before anything is served. The sockets are bound already (a
+        # taken port fails the start before recovery touches anything), but no connection is
+        # accepted, and READY=1 is not sent, until it has ended.
         service = Service(settings)
+        if args.drain:
+            return _drain(service)
         app = create_app(settings, service)
         servers = make_servers(app, listeners)
         asyncio.run(serve_all(servers, listeners, notifier))
@@ -802,6 +813,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for repeat in repeats:
         repeat.flush()
     return 0
+
+
+def _drain(service: Any) -> int:
+    left = service.drain()
+    for what in left:
+        log.error("drain: could not remove %s", what)
+    log.info("drain: %s", "nothing is left" if not left else f"{len(left)} object(s) are left")
+    return 0 if not left else 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from imageapi.drivers.loopback_attach import LoopbackAttach
 from imageapi.drivers.overlay_mount import OverlayMount
 from imageapi.drivers.rbd_attach import RbdAttach
 from imageapi.drivers.rbd_mount import LoopbackMount, RbdMount
+from imageapi.errors import ApiError
 from imageapi.graph import Registry
 from imageapi.journal import CrashPoints, Journal, NoJournal
 from imageapi.recovery import Recovery
@@ -92,6 +93,29 @@ class Service:
                     log.error("the container helper died; starting a new one")
                 self._helper = Helper(self.settings.run_dir)
             return self._helper
+
+    def drain(self) -> list[str]:
+        """Stop and tear down everything (a node being emptied): users before what they
+        stand on. Returns what could not go, with why."""
+        graph = self.registry
+        failed: list[str] = []
+        for _ in range(10):  # inline children go with their owners; look again
+            batch = [("container", "container", c["id"])
+                     for c in graph.list("container", "container")]
+            mounts = sorted(graph.list("mount"), key=lambda m: -m["mount_id"])
+            batch += [("mount", m["kind"], m["mount_id"]) for m in mounts]
+            for kind in graph.kinds("attach"):
+                batch += [("attach", kind, a["id"]) for a in graph.list("attach", kind)]
+            if not batch:
+                return []
+            failed = []
+            for collection, kind, node_id in batch:
+                try:
+                    graph.delete(collection, kind, node_id)
+                    log.info("drain: removed %s %s %d", collection, kind, node_id)
+                except ApiError as exc:
+                    failed.append(f"{collection} {kind} {node_id}: {exc.message}")
+        return failed
 
     def close(self) -> None:
         """On daemon exit: let the helper go; running containers and mounts are left alone

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import pytest
 
 from tests import hostview
 from tests.apiclient import Api
-from tests.conftest import Server, build_squashfs, purge, start_server
+from tests.conftest import REPO, Server, build_squashfs, purge, start_server
 from tests.krbdsim.harness import add_image
 
 # Ends at once on a stop request; `/quit-N` in its root makes it exit with status N.
@@ -469,3 +470,21 @@ def test_a_booted_systemd_survives_a_restart_and_halts_cleanly(
     assert "stop timeout" not in log, "systemd had to be killed: it did not halt in time"
     assert not (cgroup_root / f"container-{c['id']}").exists()
     daemon.api.delete("/container/byname/node")
+
+
+def test_drain_stops_and_tears_down_everything(daemon: Daemon, cluster: Any, sim: Any,
+                                               images: Path, cgroup_root: Path) -> None:
+    daemon.start()
+    build_world(daemon, cluster, images)
+    daemon.kill(signal.SIGTERM)  # containers and their stacks stay: the node keeps running
+    assert sim.mapped()
+    drained = subprocess.run(
+        [sys.executable, "-m", "imageapi", "--drain", "--run-dir", str(daemon.run_dir),
+         *daemon.args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert drained.returncode == 0, drained.stderr
+    assert "drain: nothing is left" in drained.stderr
+    check_nothing_left(daemon, sim, images)
+    deadline = time.monotonic() + 10
+    while helpers(daemon.run_dir):
+        assert time.monotonic() < deadline, "the helper outlived the drain"
+        time.sleep(0.05)
