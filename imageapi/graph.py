@@ -196,7 +196,10 @@ class Registry:
             if claim is not None:
                 with self._lock:
                     self._claims.pop(claim, None)
-            self._release_all(resolved)
+            # The build's error is the one the client needs; these go to the log.
+            for failure in self._release_all(resolved):
+                log.error("%s %s: undoing a failed create: %s", collection, kind,
+                          failure.message)
             raise
         with self._lock:
             if claim is not None:

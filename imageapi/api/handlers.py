@@ -18,6 +18,7 @@ Body = dict[str, Any]
 Reply = tuple[Any, int]
 
 CONTAINER = ("container", "container")  # collection and kind of containers in the registry
+CREATE_STATES = ("created", "running")  # what POST /container may ask for
 TARGET_STATES = ("running", "exited")  # what GET /container/{id}/{state} may ask for
 
 
@@ -137,6 +138,11 @@ class Handlers:
         return self.graph.list(*CONTAINER), 200
 
     def create_container(self, body: Body) -> Reply:
+        state = body.get("state", "created")
+        if state not in CREATE_STATES:
+            raise BadRequest(
+                f"state: a new container can only be 'created' or 'running', not {state!r}"
+            )
         # With "state": "running" the graph builds and starts it as one operation: a start
         # that fails leaves nothing behind, inline mounts included.
         return self.graph.create(*CONTAINER, body), 201
