@@ -105,6 +105,12 @@ EXCLUDED_CHECKS: dict[str, str] = {}
 # variants of a shared definition) or depend on the cluster, the image and the kernel, which no
 # schema knows. Those 400s, and only those, are not failures: message pattern -> reason.
 SEMANTIC_400: dict[str, str] = {
+    r"command: \d+ bytes long; at most 16384 are allowed":
+        "the limit is in UTF-8 bytes (what execve and the helper's messages take); maxLength "
+        "counts characters, and 16384 characters of e.g. 'é' are 32768 bytes",
+    r"command: not valid UTF-8 \(a lone surrogate\)":
+        "a lone surrogate (\\ud800) is valid JSON and a valid JSON Schema string, but no text "
+        "an execve can take",
     r"the image has no \S+ and is read-only, so it cannot be made; run the container on an "
     r"overlay of it":
         "a systemd container needs /run, /tmp, /var/lib/journal in its image: a property of the "
@@ -141,6 +147,13 @@ SEMANTIC_400: dict[str, str] = {
     r"mount_options\[\d+\]: '[^']*' is not a filesystem option":
         "words that make mount(2) bind, move or remount (bind, remount, shared, ...): refusing "
         "a list of words needs `not`",
+    r"fs_type: '[^']*' is not a filesystem imageapi mounts from a block device":
+        "an attach mount takes only a filesystem that lives on a block device: the kernel's "
+        "list (/proc/filesystems) plus a known table, not a fixed enum",
+    r"mount_options\[\d+\]: '[^']*': (not an option allowed for \S+;|the mount flag \S+ takes "
+    r"no value|\S+ needs a value|\S+ takes no value|\S+= takes )":
+        "each filesystem has its own option allow-list: which words are valid depends on "
+        "fs_type, another field (Swagger 2 has no dependent schemas)",
     r"(EINVAL|ENODEV|EACCES|EROFS|ENOTBLK|ELOOP): cannot mount ":
         "the kernel refused the filesystem type or its options for this device, or the "
         "overlay's layers overlap (one filesystem twice): depends on the image and the kernel",
@@ -157,7 +170,9 @@ SEMANTIC_400: dict[str, str] = {
     r"|must be an absolute path inside the image)":
         "the entrypoint must be an executable file in the image: depends on the image",
     r"path: (\S+ is .*, not a regular file|\S+ is not a directory|\S+ (is inside|contains) "
-    r"imageapi's mount directory|not a usable path)|E[A-Z]+: path: cannot open":
+    r"imageapi's mount directory|not a usable path|\S+ is (a file of \S+, a kernel interface"
+    r"|empty \(0 bytes\)), not an image file)|E[A-Z]+: path: (cannot open|the loop driver "
+    r"cannot use)":
         "a host path of a loopback or bind mount: what it is depends on the host",
 }
 

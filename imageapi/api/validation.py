@@ -67,6 +67,14 @@ def describe(error: ValidationError, root: str) -> str:
     if SECRET_FIELDS.intersection(str(p) for p in error.absolute_path):
         # The default message starts with the value itself; say only which rule failed.
         return f"{where}: invalid value (fails '{error.validator}')"
+    if error.validator == "pattern" and isinstance(error.instance, str):
+        control = next((i for i, c in enumerate(error.instance)
+                        if ord(c) < 0x20 or ord(c) == 0x7f), None)
+        if control is not None:
+            return (f"{where}: control character {error.instance[control]!r} at offset "
+                    f"{control} (the pattern {error.validator_value} refuses it)")
+        shown = error.instance if len(error.instance) <= 80 else error.instance[:80] + "..."
+        return f"{where}: {shown!r} does not match {error.validator_value!r}"
     if error.validator in ("maxLength", "minLength") and isinstance(error.instance, str):
         # Said without the value: a 140 KB command must not come back in the message.
         limit = "at most" if error.validator == "maxLength" else "at least"
