@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     dirs.add_argument("--mount-dir", type=Path, help="mountpoints (default RUN_DIR/mounts)")
     dirs.add_argument("--log-dir", type=Path, help="container logs (default RUN_DIR/logs)")
     dirs.add_argument("--rbd-sysfs", type=Path, help="rbd sysfs root (default /sys/bus/rbd)")
+    dirs.add_argument(
+        "--rbd-driver",
+        choices=("auto", "krbd", "user"),
+        help="how rbd images become block devices: krbd (the kernel's rbd module), user "
+        "(librbd in a FUSE server per mapping, with a loop device over it), or auto: krbd "
+        "when the rbd sysfs root exists, else user (default auto)",
+    )
     dirs.add_argument("--dev-dir", type=Path, help="device directory (default /dev)")
     dirs.add_argument(
         "--device-timeout",
@@ -182,8 +189,8 @@ def settings_from(args: argparse.Namespace, cgroup_root: Path | None = None) -> 
     given: dict[str, Any] = {"run_dir": args.run_dir}
     if cgroup_root is not None:
         given["cgroup_root"] = cgroup_root
-    for name in ("mount_dir", "log_dir", "rbd_sysfs", "dev_dir", "device_timeout", "stop_timeout",
-                 "cgroup_root", "recovery_budget"):
+    for name in ("mount_dir", "log_dir", "rbd_sysfs", "rbd_driver", "dev_dir", "device_timeout",
+                 "stop_timeout", "cgroup_root", "recovery_budget"):
         value = getattr(args, name)
         if value is not None:
             given[name] = value

@@ -19,6 +19,8 @@ class Settings:
     mount_dir: Path | None = None
     log_dir: Path | None = None
     rbd_sysfs: Path = Path("/sys/bus/rbd")
+    # auto (krbd when rbd_sysfs exists, else user), krbd, or user (librbd through FUSE).
+    rbd_driver: str = "auto"
     dev_dir: Path = Path("/dev")
     # How long to wait for udev (or the simulator) to create /dev/rbdN after a map.
     device_timeout: float = 10.0

@@ -15,8 +15,10 @@ from imageapi.drivers.bind_mount import BindMount
 from imageapi.drivers.container import ContainerDriver
 from imageapi.drivers.loopback_attach import LoopbackAttach
 from imageapi.drivers.overlay_mount import OverlayMount
-from imageapi.drivers.rbd_attach import RbdAttach
+from imageapi.drivers.rbd_attach import RbdAttach, choose
+from imageapi.drivers.rbd_krbd import KrbdAttach
 from imageapi.drivers.rbd_mount import LoopbackMount, RbdMount
+from imageapi.drivers.rbd_user import UserRbdAttach
 from imageapi.errors import ApiError
 from imageapi.graph import Registry
 from imageapi.journal import CrashPoints, Journal, NoJournal
@@ -55,7 +57,7 @@ class Service:
         journal.crash = crash
         self.containers = ContainerDriver(settings.logs, self.helper, self.cgroups,
                                           settings.stop_timeout)
-        self.rbds = RbdAttach(settings.rbd_sysfs, settings.dev_dir, settings.device_timeout)
+        self.rbds = _rbd_driver(settings)
         self.loopbacks = LoopbackAttach(tag=_tag(settings.run_dir))
         self.registry = Registry(
             [
@@ -128,6 +130,24 @@ class Service:
             self.cgroups.close()
         self.registry.journal.close()
         os.close(self._lock_fd)
+
+
+def _rbd_driver(settings: Settings) -> RbdAttach:
+    krbd = KrbdAttach(settings.rbd_sysfs, settings.dev_dir, settings.device_timeout)
+    user = UserRbdAttach(settings.run_dir)
+    active, why = choose(settings.rbd_driver, settings.rbd_sysfs)
+    if active == "krbd":
+        log.info("rbd driver: krbd, the kernel's rbd module through %s (%s)",
+                 settings.rbd_sysfs, why)
+    else:
+        problem = user.availability()
+        if problem:
+            log.error("rbd driver: user (%s), but rbd images cannot be attached: %s", why,
+                      problem)
+        else:
+            log.info("rbd driver: user, librbd through FUSE and loop devices, one server "
+                     "process per mapping (%s; Ceph bindings: %s)", why, user.bindings_from)
+    return RbdAttach(krbd, user, active)
 
 
 def _tag(run_dir: Path) -> str:

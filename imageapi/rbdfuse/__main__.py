@@ -1,0 +1,5 @@
+import sys
+
+from imageapi.rbdfuse.server import main
+
+sys.exit(main(sys.argv[1:]))
