@@ -84,12 +84,42 @@ class CephCluster:
     def daemon_json(self, daemon: str, *cmd: str) -> object:
         """A command on a daemon's admin socket (works while the daemon is up, no auth)."""
         sock = self.path / "run" / f"{daemon}.asok"
-        return json.loads(self.text("ceph", "--admin-daemon", str(sock), *cmd))
+        done = subprocess.run(["ceph", "--admin-daemon", str(sock), *cmd], capture_output=True,
+                              timeout=30, check=False,
+                              env={k: v for k, v in os.environ.items() if k != "CEPH_ARGS"})
+        if done.returncode != 0:
+            raise ClusterError(f"{daemon} {' '.join(cmd)}: {done.stderr.decode().strip()}")
+        return json.loads(done.stdout)
 
     def add_user(self, name: str, *caps: str) -> str:
         """A cephx user (`client.NAME`) with the caps given; returns its secret."""
         self.run("ceph", "auth", "get-or-create", f"client.{name}", *caps)
         return self.text("ceph", "auth", "get-key", f"client.{name}").strip()
+
+    def pool_state(self, pool: str = "rbd") -> dict[str, list[object]]:
+        """Every object of `pool`, all namespaces: version, size, mtime, content digest,
+        xattrs and omap — so that a test can prove something wrote nothing. Read through
+        librados as client.admin (reads change none of it)."""
+        done = subprocess.run(
+            [sys.executable, "-c", _POOL_STATE, str(self.conf), self.admin_key, pool],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={k: v for k, v in os.environ.items() if not k.startswith("CEPH_")},
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise ClusterError(f"pool state of {pool}: {done.stderr.strip()}")
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    def sessions(self, user: str) -> list[dict[str, object]]:
+        """The monitor's sessions of `client.USER`."""
+        found = self.daemon_json("mon.a", "sessions")
+        assert isinstance(found, list)
+        return [s for s in found if s.get("entity_name") == f"client.{user}"]
+
+    def watchers(self) -> list[object]:
+        """Every watch the OSD holds, on any object."""
+        found = self.daemon_json("osd.0", "dump_watchers")
+        assert isinstance(found, list)
+        return found
 
     def pids(self) -> dict[str, int]:
         found = {}
@@ -117,6 +147,34 @@ class CephCluster:
         raw = json.loads((path / "cluster.json").read_text())
         return cls(path=Path(raw["path"]), fsid=raw["fsid"], address=raw["address"],
                    admin_key=raw["admin_key"])
+
+
+_POOL_STATE = """
+import hashlib, json, sys
+from imageapi.rbdfuse import bindings
+rados, _ = bindings.load()
+conf, key, pool = sys.argv[1:4]
+cluster = rados.Rados(conffile=conf, rados_id="admin", conf={"key": key})
+cluster.connect()
+lister = cluster.open_ioctx(pool)
+lister.set_namespace(rados.LIBRADOS_ALL_NSPACES)
+io = cluster.open_ioctx(pool)
+state = {}
+for obj in lister.list_objects():
+    io.set_namespace(obj.nspace)
+    data = io.read(obj.key, 64 << 20)
+    version = io.get_last_version()
+    size, mtime = io.stat(obj.key)
+    xattrs = {k: v.hex() for k, v in io.get_xattrs(obj.key)}
+    with rados.ReadOpCtx() as op:
+        values, _ = io.get_omap_vals(op, "", "", 100000)
+        io.operate_read_op(op, obj.key)
+        omap = {k: (v or b"").hex() for k, v in values}
+    state[obj.nspace + "/" + obj.key] = [version, size, str(tuple(mtime)),
+                                         hashlib.sha256(data).hexdigest(), xattrs, omap]
+cluster.shutdown()
+print(json.dumps(state, sort_keys=True))
+"""
 
 
 def missing_tools() -> list[str]:

@@ -6,12 +6,14 @@ with CI=true every skip is turned into a failure, so CI can never pass by skippi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,8 +23,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import hostview
+from tests import cephcluster, hostview
 from tests.apiclient import Api
+from tests.cephcluster import CephCluster
 from tests.images import systemd_image
 from tests.krbdsim.harness import add_image, make_cluster, running_simulator
 
@@ -120,6 +123,76 @@ def sim(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]
     with running_simulator(tmp_path_factory.mktemp("krbd"), cluster) as simulator:
         yield simulator
         assert simulator.mapped() == [], "rbd devices still mapped when the module ended"
+
+
+# -- a live Ceph cluster (tests/cephcluster.py) ----------------------------------------------
+
+# The restricted user the user-space driver's tests map with, as a node would.
+CEPH_USER = "imageapi"
+CEPH_USER_CAPS = ("mon", "profile rbd", "osd", "profile rbd pool=rbd")
+
+
+@dataclass
+class Ceph:
+    """A running cluster with pool `rbd` holding the test images (`base`, its snapshot `v1`,
+    `base` in namespace `team1`), and the restricted user `client.imageapi`."""
+
+    cluster: CephCluster
+    user: str
+    secret: str
+
+    @property
+    def monitors(self) -> list[str]:
+        return self.cluster.monitors
+
+    def rbd_spec(self, image: str = "base", pool: str = "rbd", snapshot: str | None = None,
+                 **options: Any) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "monitors": self.monitors, "pool": pool, "image": image,
+            "options": {"ro": True, "name": self.user, "secret": self.secret, **options},
+        }
+        if snapshot:
+            spec["snapshot"] = snapshot
+        return spec
+
+    def age_access_time(self, image: str, pool: str = "rbd") -> None:
+        """Set the image's access time (its header's omap) to the epoch: librbd, unless told
+        not to, updates it at the next read of whoever opens the image, read-only or not."""
+        info = json.loads(self.cluster.text("rbd", "info", f"{pool}/{image}", "--format", "json"))
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(bytes(8))  # utime_t {sec, nsec}: 0
+            f.flush()
+            self.cluster.run("rados", "-p", pool, "setomapval", f"rbd_header.{info['id']}",
+                             "access_timestamp", "--input-file", f.name)
+
+    def import_image(self, source: Path, image: str, pool: str = "rbd",
+                     namespace: str = "") -> None:
+        spec = f"{pool}/{namespace}/{image}" if namespace else f"{pool}/{image}"
+        if self.cluster.run("rbd", "info", spec, check=False).returncode != 0:
+            self.cluster.run("rbd", "import", "--no-progress", str(source), spec, timeout=300)
+
+
+def need_ceph() -> None:
+    need_privileges()
+    missing = cephcluster.missing_tools()
+    if missing:
+        pytest.skip("needs " + ", ".join(missing) + " (apt-get install "
+                    + " ".join(cephcluster.PACKAGES) + ")")
+
+
+@pytest.fixture(scope="session")
+def ceph(squashfs_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ceph]:
+    """One cluster for the session, stopped (and its directory removed) at the end."""
+    need_ceph()
+    path = tmp_path_factory.mktemp("ceph")
+    with cephcluster.running_cluster(path) as cluster:
+        secret = cluster.add_user(CEPH_USER, *CEPH_USER_CAPS)
+        c = Ceph(cluster, CEPH_USER, secret)
+        c.import_image(squashfs_image, "base")
+        cluster.run("rbd", "snap", "create", "rbd/base@v1")
+        cluster.run("rbd", "namespace", "create", "rbd/team1")
+        c.import_image(squashfs_image, "base", namespace="team1")
+        yield c
 
 
 # -- the server --------------------------------------------------------------------------------
