@@ -12,6 +12,10 @@ import threading
 import time
 from typing import Any
 
+# mfusepy takes libfuse 2 when both are installed (Ceph's packages bring libfuse2 along);
+# this filesystem is written for libfuse 3's options (max_threads) and config.
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+
 import mfusepy
 
 from .cluster import RBD_FEATURES_SUPPORTED
