@@ -23,7 +23,7 @@ import pytest
 
 from tests import hostview
 from tests.apiclient import Api
-from tests.conftest import REPO, Server, build_squashfs, purge, start_server
+from tests.conftest import REPO, Ceph, Server, build_squashfs, purge, start_server
 from tests.krbdsim.harness import add_image
 
 # Ends at once on a stop request; `/quit-N` in its root makes it exit with status N.
@@ -488,3 +488,148 @@ def test_drain_stops_and_tears_down_everything(daemon: Daemon, cluster: Any, sim
     while helpers(daemon.run_dir):
         assert time.monotonic() < deadline, "the helper outlived the drain"
         time.sleep(0.05)
+
+
+# -- the user-space rbd driver, on a live Ceph cluster -----------------------------------------
+
+
+@dataclass(frozen=True)
+class CephAsCluster:
+    """The live cluster, spelt as the helpers above expect of the simulated one."""
+
+    monitors: tuple[str, ...]
+    key_name: str
+    secret: str
+
+
+class FuseMappings:
+    """The user-space driver's mappings of one run directory, as the helpers above ask the
+    simulator for krbd's: each a loop device over a FUSE file, served by a live server."""
+
+    def __init__(self, run_dir: Path, ceph: Ceph) -> None:
+        self.root = run_dir / "rbd"
+        self.ceph = ceph
+
+    def mapped(self) -> list[str]:
+        devices = sorted(dev.removeprefix("loop") for dev, f in hostview.loop_devices().items()
+                         if f.startswith(str(self.root) + "/"))
+        servers = {p for p in hostview.descendants(1) if hostview.comm(p) == "imageapi-rbd"
+                   and str(self.root) in Path(f"/proc/{p}/cmdline").read_bytes().decode()}
+        fuse = [m for m in hostview.mounts() if m[0].startswith(str(self.root) + "/")]
+        dirs = [p for p in hostview.tree(self.root) if "/" not in p]
+        assert len(servers) == len(fuse) == len(dirs) == len(devices), (
+            f"loop devices {devices}, FUSE servers {servers}, FUSE mounts {fuse}, dirs {dirs}")
+        if not devices:  # nothing mapped: nothing of ours in the cluster either
+            deadline = time.monotonic() + 10
+            while self.ceph.cluster.sessions(self.ceph.user) or self.ceph.cluster.watchers():
+                assert time.monotonic() < deadline, "client sessions or watches left"
+                time.sleep(0.1)
+        return devices
+
+
+@pytest.fixture
+def ceph_world(ceph: Ceph, squashfs_image: Path) -> CephAsCluster:
+    ceph.import_image(squashfs_image, "systemd.sqsh")
+    return CephAsCluster(tuple(ceph.monitors), ceph.user, ceph.secret)
+
+
+@pytest.fixture
+def udaemon(ceph: Ceph, ceph_world: CephAsCluster, cgroup_root: Path, images: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, FuseMappings]]:
+    run_dir = tmp_path_factory.mktemp("restart-user") / "run"
+    d = Daemon(run_dir, ["--rbd-driver", "user", "--stop-timeout", "2",
+                         "--cgroup-root", str(cgroup_root)])
+    maps = FuseMappings(run_dir, ceph)
+    yield d, maps
+    if d.server is None or d.server.proc.poll() is not None:
+        d.start()
+    purged = purge(d.server.url)  # type: ignore[union-attr]
+    assert d.server is not None
+    assert d.server.stop() == 0, d.log()
+    assert not purged, f"objects left at the end: {purged}"
+    check_nothing_left(d, maps, images)
+    deadline = time.monotonic() + 10
+    while helpers(run_dir):
+        assert time.monotonic() < deadline, "a helper outlived its last container"
+        time.sleep(0.05)
+
+
+def drop_caches(path: str) -> None:
+    """Forget the page cache of one file, so that the next read goes to its filesystem."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_restart_keeps_a_container_on_ceph_reading_and_its_mapping(
+    udaemon: tuple[Daemon, FuseMappings], sig: int, ceph: Ceph, ceph_world: CephAsCluster,
+    images: Path, cgroup_root: Path, image_tree: Path,
+) -> None:
+    daemon, maps = udaemon
+    daemon.start()
+    kraken = daemon.api.post("/container", kraken_container(ceph_world))
+    bare = daemon.api.post("/attach/rbd", rbd_spec(ceph_world, image="base"))
+    before = check_consistent(daemon, maps, images, cgroup_root)
+    servers = {p for p in hostview.descendants(1) if hostview.comm(p) == "imageapi-rbd"}
+    assert len(servers) == 2
+    daemon.restart(sig)
+    assert check_consistent(daemon, maps, images, cgroup_root) == before
+    assert {p for p in hostview.descendants(1) if hostview.comm(p) == "imageapi-rbd"} == servers
+    assert "re-adopted" in daemon.log() or "recovery" in daemon.log()
+    # The container still reads its image through librbd: with the page caches of the file
+    # and of the image's FUSE file dropped, the read goes all the way to the cluster.
+    lower = kraken["mount"]["overlay"]["lower"][0]["rbd"]
+    drop_caches(f"{lower['mountpoint']}/bin/busybox")
+    backing = Path(f"/sys/block/loop{lower['rbd']['device_id']}/loop/backing_file")
+    drop_caches(backing.read_text().strip())
+    done = subprocess.run(["nsenter", "-t", str(kraken["pid"]), "-a", "md5sum", "/bin/busybox"],
+                          capture_output=True, text=True, timeout=30)
+    want = subprocess.run(["md5sum", str(image_tree / "bin/busybox")], capture_output=True,
+                          text=True, check=True).stdout.split()[0]
+    assert done.stdout.split()[:1] == [want], done.stderr
+    # The unmounted mapping was re-adopted too: readable, and detachable.
+    with open(bare["device_file"], "rb") as dev:
+        assert dev.read(4) == b"hsqs"  # the squashfs magic
+    daemon.api.delete(f"/attach/rbd/{bare['id']}")
+    daemon.api.delete("/container/byname/kraken")
+    assert maps.mapped() == []
+
+
+def test_a_crash_at_every_step_of_a_nested_create_and_delete_from_ceph(
+    udaemon: tuple[Daemon, FuseMappings], ceph_world: CephAsCluster, images: Path,
+    cgroup_root: Path, tmp_path: Path,
+) -> None:
+    daemon, maps = udaemon
+    create, delete = trace_boundaries(daemon, ceph_world, tmp_path)
+    effects = {b.split(":")[0] for b in create + delete}
+    assert {"rbd-fuse-start", "rbd-loop-attach", "mount", "spawn", "unmount",
+            "rbd-loop-detach", "rbd-fuse-stop"} <= effects, effects
+    for i, where in enumerate(create, 1):
+        daemon.start(IMAGEAPI_TEST_CRASH_AT=str(i))
+        crash_during(daemon, "POST", "/container", kraken_container(ceph_world))
+        settle_and_clean(daemon, maps, images, cgroup_root, f"create step {i} ({where})")
+    for i, where in enumerate(delete, 1):
+        daemon.start()
+        daemon.api.post("/container", kraken_container(ceph_world))
+        daemon.restart(signal.SIGTERM, IMAGEAPI_TEST_CRASH_AT=str(i))
+        crash_during(daemon, "DELETE", "/container/byname/kraken")
+        settle_and_clean(daemon, maps, images, cgroup_root, f"delete step {i} ({where})")
+    daemon.start()
+
+
+def test_drain_stops_the_fuse_servers_too(udaemon: tuple[Daemon, FuseMappings],
+                                          ceph_world: CephAsCluster, images: Path) -> None:
+    daemon, maps = udaemon
+    daemon.start()
+    daemon.api.post("/container", kraken_container(ceph_world))
+    daemon.api.post("/attach/rbd", rbd_spec(ceph_world, image="base"))
+    daemon.kill(signal.SIGTERM)
+    assert len(maps.mapped()) == 2
+    drained = subprocess.run(
+        [sys.executable, "-m", "imageapi", "--drain", "--run-dir", str(daemon.run_dir),
+         *daemon.args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert drained.returncode == 0, drained.stderr
+    check_nothing_left(daemon, maps, images)
