@@ -10,8 +10,10 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/imageapi-server ]; then
   ensure_venv ""
 fi
+# The user-space rbd driver (kernels without krbd): Ceph's Python bindings, FUSE.
+ensure_debs python3-rados python3-rbd fuse3
 example_dir=${IMAGEAPI_EXAMPLE_DIR:-/var/lib/imageapi/examples}
 ensure_example_image "$example_dir"
 echo "example image: $example_dir/busybox.sqsh" >&2
-load_modules rbd overlay squashfs loop
+load_modules rbd overlay squashfs loop fuse
 exec .venv/bin/imageapi-server "$@"
