@@ -633,3 +633,42 @@ def test_drain_stops_the_fuse_servers_too(udaemon: tuple[Daemon, FuseMappings],
          *daemon.args], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert drained.returncode == 0, drained.stderr
     check_nothing_left(daemon, maps, images)
+
+
+def test_a_lost_record_stops_the_fuse_servers_it_cannot_name(
+    udaemon: tuple[Daemon, FuseMappings], ceph_world: CephAsCluster, images: Path,
+    cgroup_root: Path,
+) -> None:
+    daemon, maps = udaemon
+    daemon.start()
+    daemon.api.post("/container", kraken_container(ceph_world))
+    daemon.api.post("/attach/rbd", rbd_spec(ceph_world, image="base"))  # mounted by nothing
+    daemon.kill(signal.SIGKILL)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{daemon.run_dir / 'state.db'}{suffix}").unlink(missing_ok=True)
+    daemon.start()
+    assert everything(daemon.api) == {"/attach/rbd": [], "/attach/loopback": [], "/mount": [],
+                                      "/container": []}
+    assert "FUSE server" in daemon.log()
+    assert maps.mapped() == []
+    check_consistent(daemon, maps, images, cgroup_root)
+
+
+def test_a_daemon_restarted_with_the_other_driver_still_handles_user_mappings(
+    udaemon: tuple[Daemon, FuseMappings], ceph_world: CephAsCluster, tmp_path: Path,
+) -> None:
+    daemon, maps = udaemon
+    daemon.start()
+    rbd = daemon.api.post("/attach/rbd", rbd_spec(ceph_world, image="base"))
+    daemon.kill(signal.SIGTERM)
+    user_args = list(daemon.args)
+    daemon.args[daemon.args.index("user")] = "krbd"
+    daemon.args += ["--rbd-sysfs", str(tmp_path / "no-krbd")]
+    daemon.start()
+    assert "rbd driver: krbd" in daemon.log()
+    assert daemon.api.get(f"/attach/rbd/{rbd['id']}") == rbd
+    assert maps.mapped() == [str(rbd["device_id"])]
+    daemon.api.delete(f"/attach/rbd/{rbd['id']}")
+    assert maps.mapped() == []
+    daemon.kill(signal.SIGTERM)
+    daemon.args[:] = user_args
