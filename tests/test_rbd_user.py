@@ -13,6 +13,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from imageapi.rbdfuse import bindings
 from tests import cephcluster, hostview
 from tests.apiclient import Api
 from tests.conftest import Ceph, Server, purge, start_server
@@ -152,6 +154,17 @@ def check_block_device(view: dict[str, Any], ro: bool) -> None:
     assert Path(backing).parent.as_posix() in fuse_mounts()
 
 
+def check_secret_kept(stack: UserStack, secret: str) -> None:
+    """The key is in no argv, no environment and no file of the daemon or its servers."""
+    for pid in fuse_servers() | {stack.server.proc.pid}:
+        for what in ("cmdline", "environ"):
+            assert secret.encode() not in Path(f"/proc/{pid}/{what}").read_bytes(), (pid, what)
+    for path in stack.server.run_dir.rglob("*"):
+        if path.is_file() and "fs" not in path.relative_to(stack.server.run_dir).parts:
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in stack.server.log_text()
+
+
 # -- the done-when scenarios -------------------------------------------------------------------
 
 
@@ -167,6 +180,7 @@ def test_a_restricted_user_attaches_mounts_overlays_and_boots_without_writing(
     rbd = api.post("/attach/rbd", ceph.rbd_spec(snapshot=snapshot))
     assert rbd["options"] == {"ro": True, "name": ceph.user}  # the secret is never shown
     check_block_device(rbd, ro=True)
+    check_secret_kept(ustack, ceph.secret)
     # A read-only open takes no watch on the header.
     assert ceph.cluster.watchers() == []
     assert len(ceph.cluster.sessions(ceph.user)) == 1
@@ -385,3 +399,41 @@ def test_systemd_boots_from_ceph_to_running(ustack: UserStack, systemd_squashfs:
         time.sleep(0.2)
     assert api.get(f"/container/{c['id']}")["state"] == "exited"
     api.delete("/container/byname/node")
+
+
+# -- choosing the driver, finding the bindings -------------------------------------------------
+
+
+def test_auto_chooses_the_user_driver_without_krbd_and_says_so(
+    user_server: Server, cgroup_root: Path, tmp_path: Path
+) -> None:
+    assert "rbd driver: user, librbd through FUSE" in user_server.log_text()
+    srv = start_server(tmp_path / "run", "--rbd-sysfs", str(tmp_path / "no-rbd"),
+                       "--cgroup-root", str(cgroup_root))
+    try:
+        log = srv.log_text()
+        assert "rbd driver: user" in log and "auto: " in log and "does not exist" in log, log
+    finally:
+        assert srv.stop() == 0
+
+
+def test_the_bindings_load_by_file_into_this_python() -> None:
+    """Debian's rados/rbd, built for its /usr/bin/python3, load into whichever CPython 3.11
+    runs the daemon (here a venv's, which does not see dist-packages), and only they do."""
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", "import sys; from imageapi.rbdfuse import bindings; "
+         "r, b = bindings.load(); print(r.__file__, b.__file__, "
+         "'/usr/lib/python3/dist-packages' in sys.path)"],
+        capture_output=True, text=True, timeout=60, check=True)
+    rados_file, rbd_file, on_path = done.stdout.split()
+    assert Path(rados_file).name.startswith("rados.") and Path(rbd_file).name.startswith("rbd.")
+    assert on_path == "False"
+
+
+def test_bindings_of_another_python_are_named_not_loaded(tmp_path: Path) -> None:
+    assert not bindings._on_path("rados")  # a venv: the search by file is what answers
+    (tmp_path / "rados.cpython-399-x86_64-linux-gnu.so").write_bytes(b"")
+    with pytest.raises(bindings.BindingsMissing, match="built for another Python"):
+        bindings.locate((tmp_path,))
+    with pytest.raises(bindings.BindingsMissing, match="apt-get install python3-rados"):
+        bindings.locate((tmp_path / "empty",))
