@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import mmap
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -437,3 +439,27 @@ def test_bindings_of_another_python_are_named_not_loaded(tmp_path: Path) -> None
         bindings.locate((tmp_path,))
     with pytest.raises(bindings.BindingsMissing, match="apt-get install python3-rados"):
         bindings.locate((tmp_path / "empty",))
+
+
+def test_a_killed_fuse_server_fails_its_mapping_and_detach_still_cleans_up(
+    ustack: UserStack,
+) -> None:
+    api, ceph = ustack.api, ustack.ceph
+    m = api.post("/mount/rbd", {"fs_type": "squashfs", "mount_options": ["ro"],
+                                "rbd": ceph.rbd_spec()})
+    (server,) = fuse_servers()
+    os.kill(server, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while hostview.comm(server):
+        assert time.monotonic() < deadline, "the FUSE server did not die"
+        time.sleep(0.05)
+    # Its mapping is gone with it: reads fail (nothing is cached of this file yet).
+    fd = os.open(m["rbd"]["device_file"], os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 1 << 20)
+        with pytest.raises(OSError):
+            for offset in range(0, 8 << 20, 1 << 20):  # the squashfs is a few MiB
+                os.preadv(fd, [buf], offset)
+    finally:
+        os.close(fd)
+    api.delete(f"/mount/rbd/{m['id']}")

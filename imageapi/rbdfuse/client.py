@@ -91,6 +91,9 @@ def start(directory: Path, request: dict[str, Any], timeout: float) -> Started:
             listener.close()
         with _children_lock:
             _children[proc.pid] = proc
+        # Reaped as soon as it ends, whenever that is (killed, or its filesystem unmounted
+        # under it): no zombie waits for the detach.
+        threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
         reply = _ask(directory, {"op": "attach", "version": PROTOCOL_VERSION, **request},
                      timeout + START_GRACE)
         if reply is None:

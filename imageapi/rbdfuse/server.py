@@ -318,6 +318,7 @@ def _serve(mapping: Mapping, listener: socket.socket) -> int:
             continue
         if ended_r in ready:
             log.warning("the filesystem was unmounted outside imageapi: the mapping is gone")
+            mapping.fs.close()
             mapping.close()
             return 0
         try:
@@ -352,7 +353,8 @@ def _stop(mapping: Mapping, force: bool, conn: socket.socket) -> bool:
         if exc.errno != errno.EINVAL:  # EINVAL: not mounted any more
             _send(conn, {"op": "failed", "errno": exc.errno, "error": str(exc)})
             return False
-    if not mapping.fs.wait(STOP_WAIT):
+    # Forced, the file may still be open (a loop device): its connection goes with us.
+    if not mapping.fs.wait(1.0 if force else STOP_WAIT):
         log.warning("the filesystem is still in use: dropping its connection")
     mapping.fs.close()
     mapping.close()
