@@ -106,11 +106,12 @@ class Recovery:
             if node.status == "destroying":
                 destroying.append(node)
                 continue
-            if time.monotonic() > self._deadline:
+            driver = reg._driver(node.collection, node.kind)
+            if time.monotonic() > self._deadline and not driver.always_adopt:
                 self.report.unchecked.append(_name(reg, node))
                 continue
             try:
-                why = reg._driver(node.collection, node.kind).adopt(node)
+                why = driver.adopt(node)
             except Exception as exc:  # a driver bug must not stop the daemon from starting
                 log.exception("recovery: %s could not be checked", _name(reg, node))
                 why = f"could not be checked: {exc}"

@@ -47,6 +47,7 @@ class ContainerDriver(Driver):
     noun = "container"
     claimed_as = "taken"
     shows_refs = False
+    always_adopt = True
 
     def __init__(
         self,

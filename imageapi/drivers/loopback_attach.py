@@ -120,6 +120,8 @@ class LoopbackAttach(Driver):
         for number, backing in self.loop.tagged(self.tag):
             with self._lock:
                 ours = f"loop{number}" in self._devices
+            # A record names it (even one recovery had no time to check): it stays.
+            ours = ours or str(self.loop.dev_dir / f"loop{number}") in recorded
             if not ours and self.loop.clear(number, backing):
                 done.append(f"loop device /dev/loop{number}")
         return done
@@ -163,8 +165,14 @@ class LoopbackAttach(Driver):
 
     def destroy(self, node: Node) -> None:
         device: LoopDevice | None = node.live.get("device")
-        if device is None:  # gone already (found so at recovery)
-            log.warning("%s was already detached outside imageapi", node.record["device_file"])
+        if device is None:
+            # Not held by this process (gone at recovery, or not checked in its time): clear
+            # it by its record, if it is still bound to that very file.
+            backing = (node.record["backing"][0], node.record["backing"][1])
+            with self.step(node.id, "loop-detach", number=node.record["number"]):
+                if not self.loop.clear(node.record["number"], backing):
+                    log.warning("%s was already detached outside imageapi",
+                                node.record["device_file"])
             return
         try:
             with self.step(node.id, "loop-detach", number=device.number):

@@ -169,7 +169,8 @@ class RbdAttach(Driver):
         for source in unmounted:
             name = Path(source).name
             if Path(source).parent != self.dev_dir or not name.startswith("rbd") \
-                    or not name[3:].isdigit() or int(name[3:]) in self._adopted:
+                    or not name[3:].isdigit() or int(name[3:]) in self._adopted \
+                    or source in recorded:
                 continue
             try:
                 _retry_busy(lambda n=int(name[3:]): self.krbd.remove(n))

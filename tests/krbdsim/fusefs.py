@@ -12,6 +12,10 @@ import threading
 import time
 from typing import Any
 
+# mfusepy takes libfuse 2 when both are installed (Ceph's packages pull in libfuse2), and this
+# filesystem speaks libfuse 3 (its multi-threading options): name the library it must load.
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+
 import mfusepy
 
 from .cluster import RBD_FEATURES_SUPPORTED
