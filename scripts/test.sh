@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 # debootstrap: the systemd test image; systemd-container: nspawn, the benchmark's peer;
 # systemd: systemd-analyze checks the unit offline; curl, jq: README's walkthrough, run as written.
-ensure_debs squashfs-tools fuse3 libfuse3-3 util-linux busybox-static kmod debootstrap \
+ensure_debs squashfs-tools fuse3 libfuse3-3 util-linux busybox-static kmod debootstrap e2fsprogs \
   systemd-container systemd curl jq
 load_modules loop squashfs overlay fuse
 ensure_venv "[test]"
