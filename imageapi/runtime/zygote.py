@@ -45,7 +45,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import prctl
 
@@ -154,6 +154,7 @@ class Starting:
     spare: bool  # given to a spare that has not acknowledged it yet
     init_pid: int | None = None
     data: bytes = b""
+    began: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -176,6 +177,7 @@ class Helper:
         self.sock: socket.socket | None = None  # the daemon's connection, once it said hello
         self.ended: dict[int, dict[str, int]] = {}  # exit reports not yet acknowledged
         self.doomed: set[int] = set()  # starts to kill on arrival (nobody records them)
+        self.unclaimed: dict[int, tuple[int, float]] = {}  # reaped pid -> (status, when)
         self.running: dict[int, Running] = {}  # host pid of a container's init -> its record
         self.consoles: dict[int, Running] = {}  # pty master fd -> record
         self.starting: dict[int, Starting] = {}  # report pipe fd -> start in progress
@@ -367,6 +369,13 @@ class Helper:
         self.running[starting.init_pid] = record
         self.consoles[console.master] = record
         self.send({"op": "started", "id": starting.cid, "pid": starting.init_pid})
+        early = self.unclaimed.pop(starting.init_pid, None)
+        # It ended already and was reaped before its start was read. (An entry from before
+        # this start began is an earlier process that had the same pid.)
+        if early is not None and early[1] >= starting.began:
+            del self.running[starting.init_pid]
+            self.ended_as(record, starting.init_pid, early[0])
+            return
         if starting.cid in self.doomed:
             self.doomed.discard(starting.cid)
             self.kill(starting.cid)
@@ -440,10 +449,20 @@ class Helper:
                 self.spare = None  # it died waiting; another is made after the next start
             record = self.running.pop(pid, None)
             if record is None:
-                continue  # a setup process, a discarded spare, or an init whose start failed
-            self.close(record)
-            self.ended[record.cid] = {"id": record.cid, "pid": pid, "status": status}
-            self.send({"op": "exited", "id": record.cid, "pid": pid, "status": status})
+                # A setup process, a discarded spare, an init whose start failed — or an init
+                # that exec'd and ended between our select and this wait, before its start was
+                # read: kept a while, so that its end is not lost (see _finish).
+                now = time.monotonic()
+                self.unclaimed[pid] = (status, now)
+                for old in [p for p, (_s, t) in self.unclaimed.items() if now - t > 120]:
+                    del self.unclaimed[old]
+                continue
+            self.ended_as(record, pid, status)
+
+    def ended_as(self, record: Running, pid: int, status: int) -> None:
+        self.close(record)
+        self.ended[record.cid] = {"id": record.cid, "pid": pid, "status": status}
+        self.send({"op": "exited", "id": record.cid, "pid": pid, "status": status})
 
     def relay(self, record: Running) -> None:
         """Copy what the container wrote to /dev/console into its log."""
