@@ -91,8 +91,16 @@ class Service:
             if self._helper is None or not self._helper.alive():
                 if self._helper is not None:
                     log.error("the container helper died; starting a new one")
-                self._helper = Helper(self.settings.run_dir)
+                self._helper = Helper(self.settings.run_dir, on_gone=self._helper_gone)
             return self._helper
+
+    def _helper_gone(self) -> None:
+        """At once, not at the next start: the next start should not wait for a helper."""
+        try:
+            helper = self.helper()
+            log.info("started a new container helper (pid %d)", helper.pid)
+        except OSError as exc:
+            log.error("cannot start a new container helper: %s", exc)
 
     def drain(self) -> list[str]:
         """Stop and tear down everything (a node being emptied): users before what they

@@ -58,8 +58,10 @@ class Greeting:
 
 
 class Helper:
-    def __init__(self, run_dir: Path, hello_timeout: float = 10.0) -> None:
+    def __init__(self, run_dir: Path, hello_timeout: float = 10.0,
+                 on_gone: Callable[[], None] | None = None) -> None:
         self.path = run_dir / SOCKET_NAME
+        self._on_gone = on_gone  # told (in a thread of its own) when the helper dies
         self._proc: subprocess.Popen[bytes] | None = None
         sock = self._connect_existing()
         if sock is None:
@@ -215,6 +217,9 @@ class Helper:
                     if self._proc is not None:  # ours: reap it, or it stays a zombie
                         with contextlib.suppress(subprocess.TimeoutExpired):
                             self._proc.wait(5)
+                    if self._on_gone is not None:
+                        threading.Thread(target=self._on_gone, name="helper-restart",
+                                         daemon=True).start()
                 return
             message = json.loads(data)
             cid = int(message.get("id", 0))
