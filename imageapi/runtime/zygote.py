@@ -21,12 +21,14 @@ time is connected, and a daemon that restarts connects to the same helper again.
 object per message:
   daemon -> helper  {"op": "hello", "version": 2}                     (first, always)
                     {"op": "start", "id": N, ...request}   (see imageapi.runtime.client)
-                    {"op": "ack", "id": N}      (an exit report is recorded: forget it)
+                    {"op": "ack", "id": N, "pid": P}  (that exit report is recorded: forget it)
                     {"op": "kill", "id": N}     (SIGKILL a container nobody records)
-  helper -> daemon  {"op": "hello", "version": 2, "pid": P, "running": [{"id", "pid"}],
+  helper -> daemon  {"op": "hello", "version": 2, "pid": P,
+                     "running": [{"id", "pid", "start_time"}],
                      "starting": [N, ...], "ended": [{"id", "pid", "status"}]}
                     {"op": "busy"}              (another daemon is connected)
-                    {"op": "started", "id": N, "pid": P} | {"op": "failed", "id": N, "error": T}
+                    {"op": "started", "id": N, "pid": P, "start_time": T}
+                    | {"op": "failed", "id": N, "error": T}
                     {"op": "exited", "id": N, "pid": P, "status": S}   (a waitpid status)
 Every exit report is kept until the daemon acknowledges it, so a container that ends while
 no daemon is connected (stopped, restarting, crashed) has its real status told to the next.
@@ -165,6 +167,7 @@ class Running:
     slave: int | None
     lost: int = 0  # bytes of console output the log could not take (a full disk)
     lost_why: str = ""
+    start_time: int | None = None  # of the init (/proc/PID/stat): with the pid, names it
 
 
 PROTOCOL_VERSION = 2
@@ -222,7 +225,8 @@ class Helper:
             return
         self.send({
             "op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(),
-            "running": [{"id": r.cid, "pid": pid} for pid, r in sorted(self.running.items())],
+            "running": [{"id": r.cid, "pid": pid, "start_time": r.start_time}
+                        for pid, r in sorted(self.running.items())],
             "starting": sorted(s.cid for s in self.starting.values()),
             "ended": sorted(self.ended.values(), key=lambda e: e["id"]),
         })
@@ -365,10 +369,13 @@ class Helper:
         os.close(starting.report_r)
         console = starting.console
         # The slave stays open here: a pty whose slave side is closed reads as hung up.
-        record = Running(starting.cid, starting.log_fd, console.master, console.slave)
+        record = Running(starting.cid, starting.log_fd, console.master, console.slave,
+                         start_time=_start_time(starting.init_pid))
         self.running[starting.init_pid] = record
         self.consoles[console.master] = record
-        self.send({"op": "started", "id": starting.cid, "pid": starting.init_pid})
+        # Read while it is still our unreaped child: the pid cannot have been recycled yet.
+        self.send({"op": "started", "id": starting.cid, "pid": starting.init_pid,
+                   "start_time": record.start_time})
         early = self.unclaimed.pop(starting.init_pid, None)
         # It ended already and was reaped before its start was read. (An entry from before
         # this start began is an earlier process that had the same pid.)
@@ -532,8 +539,12 @@ class Helper:
             if self.making is not None:
                 deadlines.append(self.making.deadline)
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-            ready, _, _ = select.select(watched, [], [], timeout)
-            self.step(ready, wake_r)
+            # poll, not select: with many containers our descriptors pass 1024.
+            poller = select.poll()
+            for fd in watched:
+                poller.register(fd, select.POLLIN)
+            events = poller.poll(None if timeout is None else int(timeout * 1000) + 1)
+            self.step([fd for fd, _mask in events], wake_r)
         deadline = time.monotonic() + 2
         while DISCARDED and time.monotonic() < deadline:
             self.reap()
@@ -590,7 +601,9 @@ class Helper:
         if op == "hello":
             self.hello(request)
         elif op == "ack":
-            self.ended.pop(cid, None)
+            ended = self.ended.get(cid)
+            if ended is not None and request.get("pid") in (None, ended["pid"]):
+                del self.ended[cid]  # not a later run's report: that one has another pid
         elif op == "kill":
             self.kill(cid)
         elif op == "start":
@@ -600,6 +613,14 @@ class Helper:
                 say(f"container {cid}: start failed: {exc!r}")
                 self.send({"op": "failed", "id": cid,
                            "error": f"the helper could not start it: {exc}"})
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _lines(data: bytes) -> list[bytes]:
