@@ -520,3 +520,57 @@ def test_recovery_has_one_time_budget(daemon: Daemon, cluster: Any, sim: Any, im
         api.delete(f"/mount/{'overlay' if key == 'overlay' else 'rbd'}/{world[key]['id']}")
     api.delete(f"/attach/rbd/{world['rbd']['id']}")
     api.delete(f"/attach/loopback/{world['bare']['id']}")
+
+
+def test_a_crash_at_every_step_of_a_start(daemon: Daemon, cluster: Any, sim: Any,
+                                          images: Path, cgroup_root: Path,
+                                          tmp_path: Path) -> None:
+    """A committed container asked to run: if the daemon dies between the spawn and the
+    commit, the helper's word (it runs) wins over the record's (created)."""
+    trace = tmp_path / "start-boundaries"
+    daemon.start(IMAGEAPI_TEST_TRACE_INTENTS=str(trace))
+    body = {**kraken_container(cluster), "state": "created"}
+    daemon.api.post("/container", body)
+    mark = len(trace.read_text().splitlines())
+    daemon.api.get("/container/byname/kraken/running")
+    steps = [line.split()[1] for line in trace.read_text().splitlines()[mark:]]
+    assert "spawn:after" in steps, steps
+    daemon.api.delete("/container/byname/kraken")
+    for i in range(1, len(steps) + 1):
+        daemon.restart(signal.SIGTERM)
+        daemon.api.post("/container", body)
+        daemon.restart(signal.SIGTERM, IMAGEAPI_TEST_CRASH_AT=str(i))
+        crash_during(daemon, "GET", "/container/byname/kraken/running")
+        daemon.start()
+        seen = check_consistent(daemon, sim, images, cgroup_root)
+        (c,) = seen["/container"]
+        assert c["state"] in ("created", "running"), c
+        if steps[i - 1] == "spawn:after":
+            assert c["state"] == "running", "the helper runs it: the record must say so"
+        assert daemon.api.delete("/container/byname/kraken")["state"] in ("created", "exited")
+        check_nothing_left(daemon, sim, images)
+
+
+def test_a_run_dir_named_through_a_symlink(daemon: Daemon, cluster: Any, tmp_path: Path
+                                           ) -> None:
+    """/var/run is a symlink to /run: records, mountinfo and the sweeps must agree."""
+    real = daemon.run_dir.parent / "real"
+    real.mkdir()
+    link = daemon.run_dir.parent / "link"
+    link.symlink_to(real)
+    daemon.run_dir = link / "run"
+    daemon.start()
+    mnt = daemon.api.post("/mount", {"kind": "rbd", "rbd": {
+        "fs_type": "squashfs", "mount_options": ["ro"], "rbd": rbd_spec(cluster)}})
+    ovl = daemon.api.post("/mount/overlay", {"lower": [{"kind": "rbd",
+                                                        "mount_id": mnt["mount_id"]}]})
+    Path(ovl["mountpoint"], "kept").write_text("written before the restart\n")
+    assert ovl["mountpoint"].startswith(str(real))
+    daemon.restart(signal.SIGKILL)
+    again = daemon.api.get(f"/mount/overlay/{ovl['id']}")
+    assert again == ovl
+    assert Path(ovl["upperdir"], "kept").read_text() == "written before the restart\n"
+    assert "gone from the system" not in daemon.log()
+    daemon.api.delete(f"/mount/overlay/{ovl['id']}")
+    daemon.api.delete(f"/mount/rbd/{mnt['mount_id']}")
+    daemon.run_dir = real / "run"  # for the fixture's checks, which compare real paths
