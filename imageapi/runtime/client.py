@@ -65,10 +65,22 @@ class Helper:
         self._on_gone = on_gone  # told (in a thread of its own) when the helper dies
         self._proc: subprocess.Popen[bytes] | None = None
         sock = self._connect_existing()
+        if sock is not None:
+            self._sock = sock
+            try:
+                self.greeting = self._hello(hello_timeout)
+            except OSError as exc:  # HelperUnavailable, or a broken pipe
+                if "another imageapi daemon" in str(exc):
+                    raise
+                self._sock.close()
+                # It was on its way out (nothing left to run or tell) as we connected.
+                log.info("the container helper found did not greet us (%s); starting one", exc)
+                sock = None
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
         if sock is None:
-            sock = self._start_new()
-        self._sock = sock
-        self.greeting = self._hello(hello_timeout)
+            self._sock = self._start_new()
+            self.greeting = self._hello(hello_timeout)
         self.greeting.new = self._proc is not None
         self._lock = threading.Lock()
         self._pending: dict[int, Future[dict[str, Any]]] = {}
@@ -120,8 +132,9 @@ class Helper:
 
     def _hello(self, timeout: float) -> Greeting:
         self._sock.send(json.dumps({"op": "hello", "version": PROTOCOL_VERSION}).encode())
-        ready, _, _ = select.select([self._sock], [], [], timeout)
-        data = self._sock.recv(1 << 20) if ready else b""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        data = self._sock.recv(1 << 20) if poller.poll(int(timeout * 1000)) else b""
         reply = json.loads(data) if data else {}
         if reply.get("op") == "busy":
             self._sock.close()
