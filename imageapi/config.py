@@ -6,6 +6,7 @@ is a setting, so a test never touches the host's real `/var/run/imageapi` or `/s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,14 @@ class Settings:
     # Seconds recovery may take, for the whole run, before the daemon serves anyway.
     recovery_budget: float = 30.0
     extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Resolved once: records, mountinfo and the sweeps of recovery must all name a path
+        # the same way (/var/run is a symlink to /run; a relative --run-dir is relative).
+        for name in ("run_dir", "mount_dir", "log_dir"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(os.path.abspath(value)).resolve())
 
     @property
     def mounts(self) -> Path:

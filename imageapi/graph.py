@@ -173,6 +173,7 @@ class Registry:
         driver = self._driver(collection, kind)
         spec = driver.normalize(spec)
         resolved: list[tuple[Need, Node]] = []
+        building: int | None = None
         # Claimed first: a taken name or image refuses the request before anything is built.
         claim = driver.claim(spec)
         if claim is not None:
@@ -187,12 +188,21 @@ class Registry:
                     child = self._create(need.collection, need.kind, need.spec, owned=True)
                     resolved.append((need, child))
             node_id = self._new_id()
+            building = node_id
             node = Node(
                 id=node_id, collection=collection, kind=kind, spec=spec, needs=resolved,
                 record={}, api_held=not owned, claim=claim,
             )
             node.record = driver.build(node)
         except BaseException:
+            if building is not None:
+                # The driver undid its own work: its steps describe nothing any more (and a
+                # later recovery must not "roll back" what someone else made meanwhile).
+                try:
+                    self._journal.forget_node(building)
+                except Exception as exc:
+                    log.error("cannot forget the steps of %s %s %d: %s", collection, kind,
+                              building, exc)
             if claim is not None:
                 with self._lock:
                     self._claims.pop(claim, None)
@@ -220,12 +230,16 @@ class Registry:
         with self._lock:
             node_id = self._next_id
             self._next_id += 1
-            mark = None
-            if self._next_id > self._id_mark:
-                mark = self._id_mark = self._next_id + ID_BLOCK
-        if mark is not None:
-            with self._flush_lock:
+            if self._next_id <= self._id_mark:
+                return node_id
+        # Past the reserved block: no id of the next block is used before it is on record.
+        with self._flush_lock:
+            with self._lock:
+                mark = self._next_id + ID_BLOCK if self._next_id > self._id_mark else None
+            if mark is not None:
                 self._journal.reserve(mark)
+                with self._lock:
+                    self._id_mark = max(self._id_mark, mark)
         return node_id
 
     def _take_claim(self, claim: Hashable, driver: Driver) -> None:
@@ -371,13 +385,22 @@ class Registry:
         }  # fmt: skip
 
     def _flush(self) -> None:
-        """Write what was committed, in order, outside the registry lock."""
+        """Write what was committed, in order, outside the registry lock. A write that fails
+        (a full disk) keeps its batch queued for the next flush, and the request that flushed
+        is told (a 500): what it changed is live, but not yet on record."""
         with self._flush_lock:
             with self._lock:
                 batch, self._pending = self._pending, []
                 mark = self._id_mark
-            if batch:
+            if not batch:
+                return
+            try:
                 self._journal.write(batch, mark)
+            except Exception as exc:
+                with self._lock:
+                    self._pending[:0] = batch
+                log.error("the durable record cannot be written: %s", exc)
+                raise SystemFault(f"the durable record cannot be written: {exc}") from exc
 
 
 def _a(noun: str) -> str:

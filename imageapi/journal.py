@@ -23,6 +23,8 @@ daemon crash (only a power loss can lose the last ones, and that ends every mapp
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -116,6 +118,11 @@ class Journal:
         if self.path.exists():
             try:
                 loaded = self._load_existing()
+            except sqlite3.OperationalError as exc:
+                # Locked, or no space for its -shm file: the record may be fine. Setting it
+                # aside would make recovery "clean" a node that runs; refuse to start instead.
+                raise OSError(errno.EIO, f"the state database cannot be read now: {exc}",
+                              str(self.path)) from exc
             except (sqlite3.DatabaseError, JournalError, ValueError, KeyError) as exc:
                 kept = self._set_aside("corrupt" if not isinstance(exc, JournalError)
                                        else exc.args[1])
@@ -201,7 +208,17 @@ class Journal:
             return self.db
 
         def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
-            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+            if kind is not None:
+                self.db.execute("ROLLBACK")
+                return
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error:
+                # A failed COMMIT (a full disk) leaves the transaction open: end it, or every
+                # later BEGIN fails too.
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+                raise
 
     def _transaction(self) -> Journal._Tx:
         assert self._db is not None
@@ -247,6 +264,11 @@ class Journal:
         with self._lock, self._transaction() as db:
             db.executemany("DELETE FROM intents WHERE seq = ?", [(s,) for s in seqs])
 
+    def forget_node(self, node_id: int) -> None:
+        """A build that failed and undid its own work: its steps describe nothing any more."""
+        with self._lock, self._transaction() as db:
+            db.execute("DELETE FROM intents WHERE node_id = ?", (node_id,))
+
 
 class NoJournal(Journal):
     """No durable record (`--no-state`, for benchmarks): a restart forgets everything."""
@@ -271,4 +293,7 @@ class NoJournal(Journal):
         self.crash.passed(f"{effect}:after")
 
     def forget(self, seqs: list[int]) -> None:
+        pass
+
+    def forget_node(self, node_id: int) -> None:
         pass

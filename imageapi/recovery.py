@@ -78,6 +78,8 @@ class Recovery:
         self.budget = budget
         self.report = Report()
         self._deadline = 0.0
+        self._unresolved: set[int] = set()  # intents whose roll back failed or was not tried
+        self.after: list[Callable[[], None]] = []  # once everything is on record (acks)
 
     def run(self, loaded: Loaded) -> Report:
         began = time.monotonic()
@@ -85,6 +87,10 @@ class Recovery:
         reg = self.registry
         nodes = self._rebuild(loaded.nodes)
         committed = {n.id for n in nodes}
+        # Before anything is flushed: no id of the record or of its intents is handed out again.
+        top = max([*committed, *(i.node_id for i in loaded.intents)], default=0)
+        reg._next_id = reg._id_mark = max(loaded.next_id, top + 1)
+        reg.journal.reserve(reg._id_mark)
         values = _recorded_values(nodes)
         any_values = {v for _k, v in values}
 
@@ -94,6 +100,8 @@ class Recovery:
                 return _key(value) in any_values
             return (what, _key(value)) in values
 
+        for node in nodes:
+            reg._driver(node.collection, node.kind).known(node)
         # 4: steps of objects never committed, newest first.
         for intent in sorted(loaded.intents, key=lambda i: -i.seq):
             if intent.node_id in committed:
@@ -106,14 +114,17 @@ class Recovery:
             if node.status == "destroying":
                 destroying.append(node)
                 continue
-            if time.monotonic() > self._deadline:
+            driver = reg._driver(node.collection, node.kind)
+            if time.monotonic() > self._deadline and not driver.always_adopt:
                 self.report.unchecked.append(_name(reg, node))
                 continue
             try:
-                why = reg._driver(node.collection, node.kind).adopt(node)
-            except Exception as exc:  # a driver bug must not stop the daemon from starting
-                log.exception("recovery: %s could not be checked", _name(reg, node))
-                why = f"could not be checked: {exc}"
+                why = driver.adopt(node)
+            except Exception:  # a driver bug must not stop the daemon from starting
+                log.exception("recovery: %s could not be checked; kept as recorded",
+                              _name(reg, node))
+                self.report.unchecked.append(_name(reg, node))
+                continue
             if why is None:
                 self.report.adopted += 1
             else:
@@ -136,13 +147,14 @@ class Recovery:
             for what in late(recorded, unmounted):
                 log.warning("recovery: removed %s, which imageapi made and nothing records", what)
                 self.report.swept.append(what)
-        reg._next_id = reg._id_mark = max(loaded.next_id, max(committed, default=0) + 1)
         with reg._lock:
             for node in reg._nodes.values():
                 reg._commit("recover", node)
         reg._flush()
-        reg.journal.reserve(reg._id_mark)
-        reg.journal.forget([i.seq for i in loaded.intents])
+        # What could not be rolled back is kept for the next start.
+        reg.journal.forget([i.seq for i in loaded.intents if i.seq not in self._unresolved])
+        for ack in self.after:
+            ack()
         self.report.seconds = time.monotonic() - began
         return self.report
 
@@ -193,6 +205,8 @@ class Recovery:
         reg = self.registry
         for node in sorted(gone, key=lambda n: -n.id):
             with reg._lock:
+                if reg._nodes.get(node.id) is not node or node.status != "ready":
+                    continue  # torn down already, as what a dropped node stood on
                 users = reg._users(node)
             if users:
                 names = ", ".join(_name(reg, u) for u in users)
@@ -216,6 +230,9 @@ class Recovery:
     def _finish(self, destroying: list[Node]) -> None:
         reg = self.registry
         for node in sorted(destroying, key=lambda n: -n.id):
+            if time.monotonic() > self._deadline:
+                self.report.unchecked.append(f"{_name(reg, node)} (its destroy)")
+                continue  # still recorded as being destroyed: the next start finishes it
             driver = reg._driver(node.collection, node.kind)
             try:
                 driver.adopt(node)  # live handles, where there is still something to destroy
@@ -235,6 +252,9 @@ class Recovery:
             if not unheld:
                 return
             for node in sorted(unheld, key=lambda n: -n.id):
+                if time.monotonic() > self._deadline:
+                    self.report.unchecked.append(f"{_name(reg, node)} (held by nothing)")
+                    continue
                 log.warning("recovery: %s is held by nothing (part of a request that never "
                             "completed): tearing it down", _name(reg, node))
                 try:
@@ -251,11 +271,18 @@ class Recovery:
         driver: Driver | None = self.registry._drivers.get((collection, kind))
         if driver is None:
             return
+        if intent.outcome and "failed" in intent.outcome:
+            return  # it did not happen (and what the failed build made, it undid itself)
+        if time.monotonic() > self._deadline:
+            self._unresolved.add(intent.seq)
+            self.report.unchecked.append(f"{intent.effect} of {kind} {intent.node_id}")
+            return
         try:
             done = driver.undo(intent, held)
         except Exception as exc:
-            log.error("recovery: cannot roll back %s of %s %d: %s", intent.effect, kind,
-                      intent.node_id, exc)
+            log.error("recovery: cannot roll back %s of %s %d (kept for the next start): %s",
+                      intent.effect, kind, intent.node_id, exc)
+            self._unresolved.add(intent.seq)
             return
         if done:
             log.warning("recovery: %s %d was never committed: %s", kind, intent.node_id, done)

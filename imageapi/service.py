@@ -75,10 +75,12 @@ class Service:
         if loaded.problem:
             log.error("the durable record could not be used (%s): starting from what the "
                       "system shows, and cleaning what imageapi made", loaded.problem)
-        report = Recovery(
+        recovery = Recovery(
             self.registry, settings.mounts, [self.containers.sweep_orphans],
             [self.rbds.sweep_orphans, self.loopbacks.sweep_orphans], settings.recovery_budget,
-        ).run(loaded)
+        )
+        recovery.after.append(self._send_deferred_acks)
+        report = recovery.run(loaded)
         if not loaded.fresh or report.swept or report.rolled_back:
             log.info("recovery: %s", report.summary())
         for what in report.unchecked:
@@ -93,8 +95,20 @@ class Service:
             if self._helper is None or not self._helper.alive():
                 if self._helper is not None:
                     log.error("the container helper died; starting a new one")
-                self._helper = Helper(self.settings.run_dir)
+                self._helper = Helper(self.settings.run_dir, on_gone=self._helper_gone)
             return self._helper
+
+    def _send_deferred_acks(self) -> None:
+        while self.containers.deferred:
+            self.containers.deferred.pop(0)()
+
+    def _helper_gone(self) -> None:
+        """At once, not at the next start: the next start should not wait for a helper."""
+        try:
+            helper = self.helper()
+            log.info("started a new container helper (pid %d)", helper.pid)
+        except OSError as exc:
+            log.error("cannot start a new container helper: %s", exc)
 
     def drain(self) -> list[str]:
         """Stop and tear down everything (a node being emptied): users before what they

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # systemd: systemd-analyze checks the unit offline; curl, jq: README's walkthrough, run as written.
 # ceph-mon, ceph-osd, ceph-common: the live cluster the user-space rbd driver is tested against
 # (tests/cephcluster.py starts and stops it); python3-rados, python3-rbd: that driver's bindings.
-ensure_debs squashfs-tools fuse3 libfuse3-3 util-linux busybox-static kmod debootstrap \
+ensure_debs squashfs-tools fuse3 libfuse3-3 util-linux busybox-static kmod debootstrap e2fsprogs \
   systemd-container systemd curl jq ceph-mon ceph-osd ceph-common python3-rados python3-rbd
 load_modules loop squashfs overlay fuse
 ensure_venv "[test]"

@@ -6,6 +6,7 @@ with CI=true every skip is turned into a failure, so CI can never pass by skippi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -293,11 +294,19 @@ def server(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Server]:
     run_dir = tmp_path_factory.mktemp("imageapi") / "run"
-    srv = start_server(
+    with checked_server(
         run_dir, "--rbd-sysfs", str(sim.sysfs), "--dev-dir", str(sim.devdir),
         "--device-timeout", "5", "--stop-timeout", str(stop_timeout),
         "--cgroup-root", str(cgroup_root), *server_args,
-    )
+    ) as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def checked_server(run_dir: Path, *args: str, env: dict[str, str] | None = None
+                   ) -> Iterator[Server]:
+    """A server that, when the block ends, must hold nothing and have left nothing running."""
+    srv = start_server(run_dir, *args, env=env)
     helpers = hostview.descendants(srv.proc.pid)
     yield srv
     # The helper keeps one spare init forked ahead of time; it is not a leftover.

@@ -199,10 +199,10 @@ CASES: dict[str, Case] = {
                                  "cannot mount"),
     "unknown-fs-type-inline": Case("POST", "/mount/rbd",
                                    lambda s, b: inline_mount(rbd(s), fs_type="nosuchfs"), 400,
-                                   "ENODEV"),
+                                   "fs_type: 'nosuchfs' is not a filesystem"),
     "bad-fs-option-inline": Case("POST", "/mount/rbd",
                                  lambda s, b: inline_mount(rbd(s), options=["ro", "nosuchopt"]),
-                                 400, "EINVAL"),
+                                 400, "not an option allowed for squashfs"),
     "kernel-refusal-mid-nested-build": Case(
         "POST", "/mount",
         lambda s, b: {"kind": "overlay", "overlay": {"lower": [

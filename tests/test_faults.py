@@ -197,3 +197,43 @@ def test_a_spare_that_died_is_replaced(stack: Stack, clean_logs: Path, image: in
     wait_for(Path(f"/proc/{c['pid']}"))
     assert api.delete(f"/container/{c['id']}")["state"] == "exited"
     assert spare_pid(server) != dead
+
+
+def test_containers_that_end_at_once_are_all_seen(stack: Stack, clean_logs: Path,
+                                                  image: int) -> None:
+    # An init that execs and ends at once can be reaped before the helper has read that its
+    # start succeeded: its end must still be reported, every time.
+    api = stack.api
+    ovl = api.post("/mount", overlay_on(image))["overlay"]
+    mount = {"kind": "overlay", "mount_id": ovl["id"]}
+    made = []
+
+    def start() -> None:
+        made.append(api.post("/container", {"mount": mount, "command": "/bin/true",
+                                            "state": "running"}))
+
+    threads = [threading.Thread(target=start) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 24
+    for c in made:
+        assert wait_state(stack, f"/container/{c['id']}", {"exited", "dead"}, 20)["state"] \
+            == "exited"
+    for c in made:
+        api.delete(f"/container/{c['id']}")
+    api.delete(f"/mount/overlay/{ovl['id']}")
+
+
+def test_a_container_starts_with_the_usual_open_file_limit(stack: Stack, clean_logs: Path,
+                                                           image: int) -> None:
+    c = stack.api.post("/container", {"mount": overlay_on(image), "state": "running",
+                                      "command": "/bin/sh -c 'ulimit -n; ulimit -Hn'"})
+    wait_state(stack, f"/container/{c['id']}", {"exited"})
+    # The daemon's own soft limit is its hard one (raised at start); the container's is not.
+    numbers = [line for line in Path(c["logfile"]).read_text().splitlines() if line.isdigit()]
+    hard = Path(f"/proc/{stack.server.proc.pid}/limits").read_text()
+    assert numbers[0] == "1024", numbers
+    assert numbers[1] in hard
+    stack.api.delete(f"/container/{c['id']}")

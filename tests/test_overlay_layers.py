@@ -23,7 +23,7 @@ from imageapi.errors import BadRequest
 from imageapi.kernel import mount as km
 from tests import hostview
 from tests.apiclient import Api
-from tests.conftest import Server, Stack, need_privileges, purge, start_server
+from tests.conftest import Server, Stack, checked_server, need_privileges
 
 # mount_XXXXXXXX under a 45-character dir is 60 characters: "lowerdir=" and 67 of them with
 # their colons make 4095 bytes, the page less its NUL, so the cut falls between layers.
@@ -47,23 +47,12 @@ def server(
     assert pad >= 1, f"base temp dir {base} too long for a {MOUNT_DIR_LEN}-character mount dir"
     run_dir = base / ("r" * pad)
     assert len(str(run_dir / "mounts")) == MOUNT_DIR_LEN
-    srv = start_server(
+    with checked_server(
         run_dir, "--rbd-sysfs", str(sim.sysfs), "--dev-dir", str(sim.devdir),
         "--cgroup-root", str(cgroup_root),
         env={"IMAGEAPI_TEST_MOUNT_API": "legacy" if mount_api == "legacy" else ""},
-    )  # fmt: skip
-    helpers = hostview.descendants(srv.proc.pid)
-    yield srv
-    leftover = {
-        pid for pid in hostview.descendants(srv.proc.pid) - helpers
-        if hostview.comm(pid) != "imageapi-spare"
-    }  # fmt: skip
-    purged = purge(srv.url)
-    code = srv.stop()
-    assert code == 0, f"server exited with {code}:\n{srv.log_text()}"
-    assert not purged, f"objects left in the daemon at the end: {purged}"
-    assert not leftover, f"processes left running under the server: {sorted(leftover)}"
-    assert hostview.tree(run_dir / "mounts") == set(), "mount dir not empty at the end"
+    ) as srv:  # fmt: skip
+        yield srv
 
 
 @pytest.fixture(scope="module")

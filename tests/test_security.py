@@ -29,6 +29,7 @@ import pytest
 
 from tests.conftest import Stack
 from tests.test_http_layer import free_port, spawn
+from tests.test_service import socket_fds
 
 BASE = "/imageapi/v1"
 # README, "Security": what a confined container's root keeps (a typical runtime's set less mknod).
@@ -40,14 +41,7 @@ CONFINED_CAPS = ["chown", "dac_override", "fowner", "fsetid", "kill", "setgid", 
 
 def tcp_sockets_of(pid: int) -> list[str]:
     """Rows of /proc/net/tcp{,6} whose socket `pid` holds."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(int(link[8:-1]))
+    inodes = set(socket_fds(pid))
     return [line for table in ("/proc/net/tcp", "/proc/net/tcp6")
             for line in Path(table).read_text().splitlines()[1:]
             if int(line.split()[9]) in inodes]  # fmt: skip

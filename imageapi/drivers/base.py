@@ -155,6 +155,13 @@ class Driver:
         """The record to save now (a container's changes as it runs)."""
         return node.record
 
+    # Adopted even past recovery's time budget: the object cannot be served without its
+    # live handles and checking it cannot block (a container: a read of /proc, a pidfd).
+    always_adopt: ClassVar[bool] = False
+
+    def known(self, node: Node) -> None:
+        """At recovery, before anything else: `node` is in the record (whatever its state)."""
+
     def adopt(self, node: Node) -> str | None:
         """After a restart: check the record against the system and rebuild `node.live`.
         Returns None if the object is there, else why it is gone (it is then dropped)."""

@@ -47,6 +47,7 @@ class ContainerDriver(Driver):
     noun = "container"
     claimed_as = "taken"
     shows_refs = False
+    always_adopt = True
 
     def __init__(
         self,
@@ -61,6 +62,7 @@ class ContainerDriver(Driver):
         self.stop_timeout = stop_timeout
         self.adopted: set[int] = set()  # ids of the containers found in the record
         self._killed: set[int] = set()  # orphans killed at recovery
+        self.deferred: list[Callable[[], None]] = []  # acks, once recovery has recorded all
 
     def normalize(self, spec: Spec) -> Spec:
         out: Spec = {"mount": spec.get("mount")}
@@ -158,9 +160,12 @@ class ContainerDriver(Driver):
         container: Container | None = node.live.get("container")
         return container.record() if container is not None else node.record
 
+    def known(self, node: Node) -> None:
+        self.adopted.add(node.id)  # recorded: never an orphan, whatever its state
+
     def adopt(self, node: Node) -> str | None:
         self.adopted.add(node.id)
-        self._container(node).adopt(node.record, self.helper())
+        self._container(node).adopt(node.record, self.helper(), self.deferred.append)
         return None  # a container is never gone: one whose process ended is exited or dead
 
     def undo(self, intent: Intent, held: Callable[[str, Any], bool]) -> str | None:
@@ -187,7 +192,8 @@ class ContainerDriver(Driver):
                 self._kill_orphan(cid)
                 done.append(f"container process of unknown container {cid} (killed)")
         for cid in sorted(set(helper.greeting.ended) - self.adopted):
-            helper.ack(cid)
+            ended = helper.greeting.ended[cid]
+            self.deferred.append(lambda c=cid, p=ended["pid"]: helper.ack(c, p))
         if self.cgroups is not None and self.cgroups.root.is_dir():
             for path in sorted(self.cgroups.root.iterdir()):
                 if path.is_dir() and str(path) not in recorded:
@@ -210,7 +216,9 @@ class ContainerDriver(Driver):
         helper.kill(cid)
         self._killed.add(cid)
         if pidfd is not None:
-            select.select([pidfd], [], [], patience)  # readable once it has ended
+            poller = select.poll()  # readable once it has ended
+            poller.register(pidfd, select.POLLIN)
+            poller.poll(int(patience * 1000))
             os.close(pidfd)
 
     def change(self, node: Node, target: str) -> None:

@@ -103,7 +103,7 @@ class LoopbackAttach(Driver):
     def adopt(self, node: Node) -> str | None:
         record = node.record
         backing = (record["backing"][0], record["backing"][1])
-        device = self.loop.adopt(record["number"], backing, node.spec["ro"])
+        device = self.loop.adopt(record["number"], backing, node.spec["ro"], self.tag)
         if device is None:
             return f"{record['device_file']} is no longer bound to {node.spec['path']}"
         node.live["device"] = device
@@ -120,7 +120,9 @@ class LoopbackAttach(Driver):
         for number, backing in self.loop.tagged(self.tag):
             with self._lock:
                 ours = f"loop{number}" in self._devices
-            if not ours and self.loop.clear(number, backing):
+            # A record names it (even one recovery had no time to check): it stays.
+            ours = ours or str(self.loop.dev_dir / f"loop{number}") in recorded
+            if not ours and self.loop.clear(number, backing, self.tag):
                 done.append(f"loop device /dev/loop{number}")
         return done
 
@@ -131,7 +133,7 @@ class LoopbackAttach(Driver):
         numbers = [intent.outcome["number"]] if intent.outcome and "number" in intent.outcome \
             else [int(b.name[4:]) for b in self.loop.bindings() if b.backing == backing]
         for number in numbers:
-            if not held("number", number) and self.loop.clear(number, backing):
+            if not held("number", number) and self.loop.clear(number, backing, self.tag):
                 return f"detached /dev/loop{number} from {intent.detail['path']}"
         return None
 
@@ -163,8 +165,14 @@ class LoopbackAttach(Driver):
 
     def destroy(self, node: Node) -> None:
         device: LoopDevice | None = node.live.get("device")
-        if device is None:  # gone already (found so at recovery)
-            log.warning("%s was already detached outside imageapi", node.record["device_file"])
+        if device is None:
+            # Not held by this process (gone at recovery, or not checked in its time): clear
+            # it by its record, if it is still bound to that very file.
+            backing = (node.record["backing"][0], node.record["backing"][1])
+            with self.step(node.id, "loop-detach", number=node.record["number"]):
+                if not self.loop.clear(node.record["number"], backing, self.tag):
+                    log.warning("%s was already detached outside imageapi",
+                                node.record["device_file"])
             return
         try:
             with self.step(node.id, "loop-detach", number=device.number):

@@ -84,6 +84,9 @@ class RbdAttach(RbdBase):
     def adopt(self, node: Node) -> str | None:
         return self._of(node).adopt(node)
 
+    def known(self, node: Node) -> None:
+        self._of(node).known(node)
+
     def undo(self, intent: Intent, held: Callable[[str, Any], bool]) -> str | None:
         for driver in self.drivers.values():
             done = driver.undo(intent, held)

@@ -89,9 +89,10 @@ class KrbdAttach(RbdBase):
     def build(self, node: Node) -> State:
         spec = node.spec
         pool, ns, image, snap = identity(spec)
+        before = self.krbd.device_ids()
+        # `before`: the devices that are not ours to undo, whatever they map.
         with self.step(node.id, "rbd-map", pool=pool, namespace=ns, image=image,
-                       snapshot=snap) as step:
-            before = self.krbd.device_ids()
+                       snapshot=snap, before=sorted(before)) as step:
             try:
                 self.krbd.add(add_request(spec))
             except KrbdUnavailable as exc:
@@ -127,7 +128,8 @@ class KrbdAttach(RbdBase):
         for source in unmounted:
             name = Path(source).name
             if Path(source).parent != self.dev_dir or not name.startswith("rbd") \
-                    or not name[3:].isdigit() or int(name[3:]) in self._adopted:
+                    or not name[3:].isdigit() or int(name[3:]) in self._adopted \
+                    or source in recorded:
                 continue
             try:
                 _retry_busy(lambda n=int(name[3:]): self.krbd.remove(n))
@@ -141,12 +143,17 @@ class KrbdAttach(RbdBase):
             return None
         d = intent.detail
         want = (d["pool"], d["namespace"], d["image"], d["snapshot"])
-        for dev_id in sorted(self.krbd.device_ids()):
+        if intent.outcome and "device_id" in intent.outcome:
+            candidates = [intent.outcome["device_id"]]
+        else:  # it died in the write: a new device of that image, if any
+            before = set(d.get("before", []))
+            candidates = sorted(self.krbd.device_ids() - before)
+        for dev_id in candidates:
             if held("device_id", dev_id) or not self._maps(dev_id, want):
                 continue
-            # Mapped for an object that was never committed: no one else can have it (the
-            # claim on the image was ours), so it is ours to unmap.
-            self.krbd.remove(dev_id)
+            # Mapped for an object that was never committed (the claim on the image was
+            # ours while it was made): ours to unmap.
+            _retry_busy(lambda n=dev_id: self.krbd.remove(n))
             return f"unmapped rbd{dev_id} ({self.describe_claim(want)})"
         return None
 

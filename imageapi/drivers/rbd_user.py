@@ -211,7 +211,13 @@ class UserRbdAttach(RbdBase):
         force = bool(node.spec["options"].get("force"))
         device: LoopDevice | None = node.live.get("device")
         if device is None:
-            log.warning("%s was already detached outside imageapi", record["device_file"])
+            # Not held by this process (gone at recovery, or not checked in its time): clear
+            # it by its record, if it is still bound to that very file.
+            backing = (record["backing"][0], record["backing"][1])
+            with self.step(node.id, "rbd-loop-detach", number=record["number"]):
+                if not self.loop.clear(record["number"], backing, self.tag):
+                    log.warning("%s was already detached outside imageapi",
+                                record["device_file"])
         else:
             try:
                 with self.step(node.id, "rbd-loop-detach", number=device.number):
@@ -223,7 +229,7 @@ class UserRbdAttach(RbdBase):
                                                     "imageapi)")) from exc
                 if exc.errno != errno.EBUSY:
                     raise SystemFault(describe_oserror(exc, what)) from exc
-                self.loop.clear(device.number, device.backing)  # force: at its last close
+                self.loop.clear(device.number, device.backing, self.tag)  # at its last close
                 unbound = False
             node.live.pop("device", None)
             self._devices.discard(device.number)
@@ -274,7 +280,7 @@ class UserRbdAttach(RbdBase):
                 != (pool, ns, image, snap):
             return f"the FUSE server in {directory} serves another image"
         backing = (record["backing"][0], record["backing"][1])
-        device = self.loop.adopt(record["number"], backing, read_only(node.spec))
+        device = self.loop.adopt(record["number"], backing, read_only(node.spec), self.tag)
         if device is None:
             return f"{record['device_file']} is no longer bound to its FUSE file"
         node.live["device"] = device
@@ -289,7 +295,7 @@ class UserRbdAttach(RbdBase):
                 intent.outcome else [int(b.name[4:]) for b in self.loop.bindings()
                                      if b.backing == backing]
             for number in numbers:
-                if not held("number", number) and self.loop.clear(number, backing):
+                if not held("number", number) and self.loop.clear(number, backing, self.tag):
                     return f"detached /dev/loop{number} from {detail['dir']}"
             return None
         if intent.effect == "rbd-fuse-start":
@@ -304,7 +310,7 @@ class UserRbdAttach(RbdBase):
         for number, backing in self.loop.tagged(self.tag):
             if number in self._devices or f"/dev/loop{number}" in recorded:
                 continue
-            if self.loop.clear(number, backing):
+            if self.loop.clear(number, backing, self.tag):
                 done.append(f"loop device /dev/loop{number}")
         if self.root.is_dir():
             for directory in sorted(self.root.iterdir()):

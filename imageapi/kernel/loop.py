@@ -269,9 +269,11 @@ class Loop:
                 log.debug("%s: no direct I/O (%s)", path, exc.strerror)
         return self.status(fd, path).lo_flags
 
-    def adopt(self, number: int, backing: tuple[int, int], read_only: bool) -> LoopDevice | None:
+    def adopt(self, number: int, backing: tuple[int, int], read_only: bool,
+              tag: str = "") -> LoopDevice | None:
         """Hold again a device bound earlier (by a previous run of the daemon): None unless
-        `/dev/loopN` is still bound to that very file (st_dev, st_ino)."""
+        `/dev/loopN` is still bound to that very file (st_dev, st_ino) — and carries `tag`,
+        so one that somebody bound to the same file since is never taken for ours."""
         path = str(self.dev_dir / f"loop{number}")
         try:
             fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
@@ -286,7 +288,7 @@ class Loop:
             if exc.errno == errno.ENXIO:
                 return None
             raise
-        if (info.lo_device, info.lo_inode) != tuple(backing):
+        if (info.lo_device, info.lo_inode) != tuple(backing) or not _tagged(info, tag):
             os.close(fd)
             return None
         with self._lock:
@@ -312,15 +314,16 @@ class Loop:
                 continue
             finally:
                 os.close(fd)
-            if bytes(info.lo_file_name).startswith(tag.encode() + b" "):
+            if _tagged(info, tag):
                 found.append((int(dev.name[4:]), (info.lo_device, info.lo_inode)))
         return found
 
-    def clear(self, number: int, backing: tuple[int, int]) -> bool:
-        """Unbind `/dev/loopN` if it is bound to that file and nobody of ours holds it."""
+    def clear(self, number: int, backing: tuple[int, int], tag: str = "") -> bool:
+        """Unbind `/dev/loopN` if it is bound to that file, carries `tag` and nobody of ours
+        holds it."""
         device = LoopDevice(number, str(self.dev_dir / f"loop{number}"), None,
                             (backing[0], backing[1]), True, False)
-        return self._ours_and_bound(device, clear=True)
+        return self._ours_and_bound(device, clear=True, tag=tag)
 
     # -- looking -----------------------------------------------------------------------------
 
@@ -378,7 +381,7 @@ class Loop:
                 time.sleep(0.01)
         return True
 
-    def _ours_and_bound(self, device: LoopDevice, clear: bool) -> bool:
+    def _ours_and_bound(self, device: LoopDevice, clear: bool, tag: str = "") -> bool:
         """Whether the device is still bound to our backing file; with `clear`, LOOP_CLR_FD it
         (in case something turned autoclear off). A device someone else has bound to another
         file since, or that another attachment of ours holds now, is left alone."""
@@ -398,7 +401,7 @@ class Loop:
                 if exc.errno == errno.ENXIO:
                     return False
                 raise
-            if (info.lo_device, info.lo_inode) != device.backing:
+            if (info.lo_device, info.lo_inode) != device.backing or not _tagged(info, tag):
                 return False
             if clear:
                 try:
@@ -409,6 +412,10 @@ class Loop:
             return True
         finally:
             os.close(fd)  # if it was the last opener, this close unbinds it
+
+
+def _tagged(info: LoopInfo64, tag: str) -> bool:
+    return not tag or bytes(info.lo_file_name).startswith(tag.encode() + b" ")
 
 
 def _set_name(info: LoopInfo64, name: str, tag: str = "") -> None:

@@ -52,25 +52,41 @@ class Greeting:
 
     pid: int
     running: dict[int, int] = field(default_factory=dict)  # container id -> init's host pid
+    start_times: dict[int, int | None] = field(default_factory=dict)  # container id -> ticks
     starting: list[int] = field(default_factory=list)
     ended: dict[int, dict[str, int]] = field(default_factory=dict)  # id -> {"pid", "status"}
     new: bool = True  # started by us now, not found running
 
 
 class Helper:
-    def __init__(self, run_dir: Path, hello_timeout: float = 10.0) -> None:
+    def __init__(self, run_dir: Path, hello_timeout: float = 10.0,
+                 on_gone: Callable[[], None] | None = None) -> None:
         self.path = run_dir / SOCKET_NAME
+        self._on_gone = on_gone  # told (in a thread of its own) when the helper dies
         self._proc: subprocess.Popen[bytes] | None = None
         sock = self._connect_existing()
+        if sock is not None:
+            self._sock = sock
+            try:
+                self.greeting = self._hello(hello_timeout)
+            except OSError as exc:  # HelperUnavailable, or a broken pipe
+                if "another imageapi daemon" in str(exc):
+                    raise
+                self._sock.close()
+                # It was on its way out (nothing left to run or tell) as we connected.
+                log.info("the container helper found did not greet us (%s); starting one", exc)
+                sock = None
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
         if sock is None:
-            sock = self._start_new()
-        self._sock = sock
-        self.greeting = self._hello(hello_timeout)
+            self._sock = self._start_new()
+            self.greeting = self._hello(hello_timeout)
         self.greeting.new = self._proc is not None
         self._lock = threading.Lock()
         self._pending: dict[int, Future[dict[str, Any]]] = {}
         self._on_exit: dict[int, ExitHandler] = {}
-        self._early: dict[int, int] = {}  # exits reported before anyone watched them
+        # Exits reported before anyone watched them: id -> (status, pid).
+        self._early: dict[int, tuple[int, int]] = {}
         self._unwanted: set[int] = set()  # killed for recovery: their ends need no watcher
         self._gone = False
         self._closing = False
@@ -116,8 +132,9 @@ class Helper:
 
     def _hello(self, timeout: float) -> Greeting:
         self._sock.send(json.dumps({"op": "hello", "version": PROTOCOL_VERSION}).encode())
-        ready, _, _ = select.select([self._sock], [], [], timeout)
-        data = self._sock.recv(1 << 20) if ready else b""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        data = self._sock.recv(1 << 20) if poller.poll(int(timeout * 1000)) else b""
         reply = json.loads(data) if data else {}
         if reply.get("op") == "busy":
             self._sock.close()
@@ -131,6 +148,7 @@ class Helper:
         return Greeting(
             pid=int(reply["pid"]),
             running={int(r["id"]): int(r["pid"]) for r in reply.get("running", [])},
+            start_times={int(r["id"]): r.get("start_time") for r in reply.get("running", [])},
             starting=[int(c) for c in reply.get("starting", [])],
             ended={int(e["id"]): {"pid": int(e["pid"]), "status": int(e["status"])}
                    for e in reply.get("ended", [])},
@@ -145,8 +163,10 @@ class Helper:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def start(self, request: dict[str, Any], on_exit: ExitHandler, timeout: float = 90) -> int:
-        """Start a container; returns its init's host pid. `on_exit(status)` comes later."""
+    def start(self, request: dict[str, Any], on_exit: ExitHandler,
+              timeout: float = 90) -> tuple[int, int | None]:
+        """Start a container; returns its init's host pid and that pid's start time (read by
+        the helper while the init was its child). `on_exit(status)` comes later."""
         cid = int(request["id"])
         answer: Future[dict[str, Any]] = Future()
         with self._lock:
@@ -166,21 +186,24 @@ class Helper:
             with self._lock:
                 self._on_exit.pop(cid, None)
             raise StartFailed(reply.get("error") or "the container did not start")
-        return int(reply["pid"])
+        return int(reply["pid"]), reply.get("start_time")
 
     def watch(self, cid: int, on_exit: ExitHandler) -> None:
         """Hear of the end of a container this helper already runs (one adopted at recovery)."""
         with self._lock:
-            status = self._early.pop(cid, None)
-            if status is None and not self._gone:
+            early = self._early.pop(cid, None)
+            if early is None and not self._gone:
                 self._on_exit[cid] = on_exit
                 return
-        self._dispatch(cid, on_exit, status if status is not None else HELPER_GONE)
+        if early is None:
+            self._dispatch(cid, on_exit, HELPER_GONE)
+        else:
+            self._dispatch(cid, on_exit, early[0], early[1])
 
-    def ack(self, cid: int) -> None:
-        """The end of container `cid` is recorded: the helper may forget it."""
+    def ack(self, cid: int, pid: int | None = None) -> None:
+        """The end of container `cid` (its init `pid`) is recorded: the helper may forget it."""
         with self._lock:
-            self._send({"op": "ack", "id": cid})
+            self._send({"op": "ack", "id": cid, "pid": pid})
 
     def kill(self, cid: int) -> None:
         """SIGKILL a container the helper runs that no record knows (recovery's roll back);
@@ -215,6 +238,9 @@ class Helper:
                     if self._proc is not None:  # ours: reap it, or it stays a zombie
                         with contextlib.suppress(subprocess.TimeoutExpired):
                             self._proc.wait(5)
+                    if self._on_gone is not None:
+                        threading.Thread(target=self._on_gone, name="helper-restart",
+                                         daemon=True).start()
                 return
             message = json.loads(data)
             cid = int(message.get("id", 0))
@@ -225,7 +251,7 @@ class Helper:
                         self._unwanted.discard(cid)
                         self._send({"op": "ack", "id": cid})
                     elif handler is None:
-                        self._early[cid] = int(message["status"])
+                        self._early[cid] = (int(message["status"]), int(message["pid"]))
                     waiter = None
                 else:
                     handler = None
@@ -236,13 +262,14 @@ class Helper:
                 log.warning("container helper started container %d for nobody: killing it", cid)
                 self.kill(cid)
             if handler is not None:
-                self._dispatch(cid, handler, int(message["status"]))
+                self._dispatch(cid, handler, int(message["status"]), int(message["pid"]))
 
-    def _dispatch(self, cid: int, handler: ExitHandler, status: int | None) -> None:
+    def _dispatch(self, cid: int, handler: ExitHandler, status: int | None,
+                  pid: int | None = None) -> None:
         def run() -> None:
             handler(status)
             if status is not None:
-                self.ack(cid)  # recorded by the handler: the helper may forget it
+                self.ack(cid, pid)  # recorded by the handler: the helper may forget it
 
         threading.Thread(target=run, name=f"watch-{cid}", daemon=True).start()
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -52,6 +53,7 @@ DROPPED_CAPS = ["sys_module", "sys_rawio", "sys_time", "mac_admin", "mac_overrid
 CONFINED_CAPS = ["chown", "dac_override", "fowner", "fsetid", "kill", "setgid", "setuid",
                  "setpcap", "setfcap", "net_bind_service", "net_raw", "sys_chroot",
                  "audit_write"]
+CONTAINER_NOFILE = 1024  # the soft open-file limit a container starts with
 RESET_SIGNALS = [signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD,
                  signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2]
 
@@ -170,6 +172,11 @@ def init_process(
         for sig in RESET_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        # The daemon raised its soft open-file limit to the hard one; programs that walk every
+        # descriptor up to the limit expect the usual 1024 (systemd raises its own as it likes).
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft > CONTAINER_NOFILE:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (CONTAINER_NOFILE, hard))
         if confined:
             seccomp.install(program)  # last: the filter must not see our own setup
         os.execve(request["exe"], request["argv"], request["env"])

@@ -119,35 +119,45 @@ class Container:
             "stop_requested": self._stop_requested, "log": str(self.log.path),
         }
 
-    def adopt(self, record: dict[str, Any], helper: Helper) -> None:
+    def adopt(self, record: dict[str, Any], helper: Helper,
+              acknowledge: Callable[[Callable[[], None]], None]) -> None:
         """After a daemon restart: take the container back as the record left it. A running
         one whose process lives (same pid, same start time) is watched again — by the helper
         that runs it, or, if that helper is gone, through its pidfd; one that ended while no
-        daemon listened gets its real exit status from the helper, if it could keep it."""
+        daemon listened gets its real exit status from the helper, if it could keep it.
+        `acknowledge(ack)` defers telling the helper until the end is on record."""
         cid = self.plan.cid
+        greeting = helper.greeting
         with self._lock:
             self.state = record["state"]
             self._stop_requested = bool(record["stop_requested"])
             self._cgroup = Path(record["cgroup"]) if record["cgroup"] else None
+            pid, start_time = record["pid"], record["start_time"]
+            if cid in greeting.running and (self.state not in ("running", "stopping")
+                                            or greeting.running[cid] != pid):
+                # The helper runs it and the record does not say so: a start the daemon died
+                # before committing. The helper knows: it runs, as that init.
+                self.state = "running"
+                pid, start_time = greeting.running[cid], greeting.start_times.get(cid)
+                self.log.event("its start had not been recorded before the daemon stopped")
             if self.state not in ("running", "stopping"):
                 return
-            pid, start_time = record["pid"], record["start_time"]
             alive = start_time is not None and process_start_time(pid) == start_time
             self.pid, self._start_time = pid, start_time
             self._pidfd = _pidfd(pid) if alive else None
             if self._pidfd is not None and process_start_time(pid) != start_time:
                 os.close(self._pidfd)  # recycled between the check and the open
                 self._pidfd = None
-        ended = helper.greeting.ended.get(cid)
+        ended = greeting.ended.get(cid)
         if self._pidfd is None:
             status = ended["status"] if ended and ended["pid"] == pid else None
             self.log.event("the daemon restarted; the container had ended meanwhile")
             self._ended_with(status)
             if ended:
-                helper.ack(cid)
+                acknowledge(lambda: helper.ack(cid, ended["pid"]))
             return
         self.log.event(f"the daemon restarted; container re-adopted (pid {pid})")
-        if helper.greeting.running.get(cid) == pid:
+        if greeting.running.get(cid) == pid:
             helper.watch(cid, self._exited)
         else:
             threading.Thread(target=self._watch_pidfd, name=f"pidfd-{cid}", daemon=True).start()
@@ -167,8 +177,8 @@ class Container:
             cgroup = self._new_cgroup()
             try:
                 with self._step("spawn", cid=self.plan.cid) as step:
-                    pid = self._helper().start(self._request(cgroup, exe), self._exited)
-                    self._start_time = process_start_time(pid)
+                    pid, self._start_time = self._helper().start(self._request(cgroup, exe),
+                                                                 self._exited)
                     step.done(pid=pid, start_time=self._start_time)
                 self._pidfd = _pidfd(pid)
             except StartFailed as exc:
@@ -289,8 +299,11 @@ class Container:
         with self._lock:
             pidfd = self._pidfd
         if pidfd is not None:
-            # A pidfd reads as ready once the process has ended, whoever its parent is.
-            select.select([pidfd], [], [])
+            # A pidfd reads as ready once the process has ended, whoever its parent is. (poll,
+            # not select: the daemon's descriptors may be numbered past 1024.)
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            poller.poll()
         self._ended_with(None)
 
     def _ended_with(self, status: int | None) -> None:

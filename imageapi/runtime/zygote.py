@@ -21,12 +21,14 @@ time is connected, and a daemon that restarts connects to the same helper again.
 object per message:
   daemon -> helper  {"op": "hello", "version": 2}                     (first, always)
                     {"op": "start", "id": N, ...request}   (see imageapi.runtime.client)
-                    {"op": "ack", "id": N}      (an exit report is recorded: forget it)
+                    {"op": "ack", "id": N, "pid": P}  (that exit report is recorded: forget it)
                     {"op": "kill", "id": N}     (SIGKILL a container nobody records)
-  helper -> daemon  {"op": "hello", "version": 2, "pid": P, "running": [{"id", "pid"}],
+  helper -> daemon  {"op": "hello", "version": 2, "pid": P,
+                     "running": [{"id", "pid", "start_time"}],
                      "starting": [N, ...], "ended": [{"id", "pid", "status"}]}
                     {"op": "busy"}              (another daemon is connected)
-                    {"op": "started", "id": N, "pid": P} | {"op": "failed", "id": N, "error": T}
+                    {"op": "started", "id": N, "pid": P, "start_time": T}
+                    | {"op": "failed", "id": N, "error": T}
                     {"op": "exited", "id": N, "pid": P, "status": S}   (a waitpid status)
 Every exit report is kept until the daemon acknowledges it, so a container that ends while
 no daemon is connected (stopped, restarting, crashed) has its real status told to the next.
@@ -45,7 +47,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import prctl
 
@@ -154,6 +156,7 @@ class Starting:
     spare: bool  # given to a spare that has not acknowledged it yet
     init_pid: int | None = None
     data: bytes = b""
+    began: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -164,6 +167,7 @@ class Running:
     slave: int | None
     lost: int = 0  # bytes of console output the log could not take (a full disk)
     lost_why: str = ""
+    start_time: int | None = None  # of the init (/proc/PID/stat): with the pid, names it
 
 
 PROTOCOL_VERSION = 2
@@ -176,6 +180,7 @@ class Helper:
         self.sock: socket.socket | None = None  # the daemon's connection, once it said hello
         self.ended: dict[int, dict[str, int]] = {}  # exit reports not yet acknowledged
         self.doomed: set[int] = set()  # starts to kill on arrival (nobody records them)
+        self.unclaimed: dict[int, tuple[int, float]] = {}  # reaped pid -> (status, when)
         self.running: dict[int, Running] = {}  # host pid of a container's init -> its record
         self.consoles: dict[int, Running] = {}  # pty master fd -> record
         self.starting: dict[int, Starting] = {}  # report pipe fd -> start in progress
@@ -220,7 +225,8 @@ class Helper:
             return
         self.send({
             "op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(),
-            "running": [{"id": r.cid, "pid": pid} for pid, r in sorted(self.running.items())],
+            "running": [{"id": r.cid, "pid": pid, "start_time": r.start_time}
+                        for pid, r in sorted(self.running.items())],
             "starting": sorted(s.cid for s in self.starting.values()),
             "ended": sorted(self.ended.values(), key=lambda e: e["id"]),
         })
@@ -363,10 +369,20 @@ class Helper:
         os.close(starting.report_r)
         console = starting.console
         # The slave stays open here: a pty whose slave side is closed reads as hung up.
-        record = Running(starting.cid, starting.log_fd, console.master, console.slave)
+        record = Running(starting.cid, starting.log_fd, console.master, console.slave,
+                         start_time=_start_time(starting.init_pid))
         self.running[starting.init_pid] = record
         self.consoles[console.master] = record
-        self.send({"op": "started", "id": starting.cid, "pid": starting.init_pid})
+        # Read while it is still our unreaped child: the pid cannot have been recycled yet.
+        self.send({"op": "started", "id": starting.cid, "pid": starting.init_pid,
+                   "start_time": record.start_time})
+        early = self.unclaimed.pop(starting.init_pid, None)
+        # It ended already and was reaped before its start was read. (An entry from before
+        # this start began is an earlier process that had the same pid.)
+        if early is not None and early[1] >= starting.began:
+            del self.running[starting.init_pid]
+            self.ended_as(record, starting.init_pid, early[0])
+            return
         if starting.cid in self.doomed:
             self.doomed.discard(starting.cid)
             self.kill(starting.cid)
@@ -440,10 +456,20 @@ class Helper:
                 self.spare = None  # it died waiting; another is made after the next start
             record = self.running.pop(pid, None)
             if record is None:
-                continue  # a setup process, a discarded spare, or an init whose start failed
-            self.close(record)
-            self.ended[record.cid] = {"id": record.cid, "pid": pid, "status": status}
-            self.send({"op": "exited", "id": record.cid, "pid": pid, "status": status})
+                # A setup process, a discarded spare, an init whose start failed — or an init
+                # that exec'd and ended between our select and this wait, before its start was
+                # read: kept a while, so that its end is not lost (see _finish).
+                now = time.monotonic()
+                self.unclaimed[pid] = (status, now)
+                for old in [p for p, (_s, t) in self.unclaimed.items() if now - t > 120]:
+                    del self.unclaimed[old]
+                continue
+            self.ended_as(record, pid, status)
+
+    def ended_as(self, record: Running, pid: int, status: int) -> None:
+        self.close(record)
+        self.ended[record.cid] = {"id": record.cid, "pid": pid, "status": status}
+        self.send({"op": "exited", "id": record.cid, "pid": pid, "status": status})
 
     def relay(self, record: Running) -> None:
         """Copy what the container wrote to /dev/console into its log."""
@@ -513,8 +539,12 @@ class Helper:
             if self.making is not None:
                 deadlines.append(self.making.deadline)
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-            ready, _, _ = select.select(watched, [], [], timeout)
-            self.step(ready, wake_r)
+            # poll, not select: with many containers our descriptors pass 1024.
+            poller = select.poll()
+            for fd in watched:
+                poller.register(fd, select.POLLIN)
+            events = poller.poll(None if timeout is None else int(timeout * 1000) + 1)
+            self.step([fd for fd, _mask in events], wake_r)
         deadline = time.monotonic() + 2
         while DISCARDED and time.monotonic() < deadline:
             self.reap()
@@ -571,7 +601,9 @@ class Helper:
         if op == "hello":
             self.hello(request)
         elif op == "ack":
-            self.ended.pop(cid, None)
+            ended = self.ended.get(cid)
+            if ended is not None and request.get("pid") in (None, ended["pid"]):
+                del self.ended[cid]  # not a later run's report: that one has another pid
         elif op == "kill":
             self.kill(cid)
         elif op == "start":
@@ -581,6 +613,14 @@ class Helper:
                 say(f"container {cid}: start failed: {exc!r}")
                 self.send({"op": "failed", "id": cid,
                            "error": f"the helper could not start it: {exc}"})
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _lines(data: bytes) -> list[bytes]:

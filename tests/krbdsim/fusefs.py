@@ -12,8 +12,8 @@ import threading
 import time
 from typing import Any
 
-# mfusepy takes libfuse 2 when both are installed (Ceph's packages bring libfuse2 along);
-# this filesystem is written for libfuse 3's options (max_threads) and config.
+# mfusepy takes libfuse 2 when both are installed (Ceph's packages pull in libfuse2), and this
+# filesystem speaks libfuse 3 (its multi-threading options): name the library it must load.
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 
 import mfusepy
