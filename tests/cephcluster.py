@@ -324,9 +324,11 @@ def _bootstrap(path: Path, conf: Path, fsid: str, address: str) -> CephCluster:
            "--keyring", str(mon_keyring)])
     monmap.unlink()
     _spawn(path, "mon", "a")
-    # The OSD's mkfs is local (bluestore on its file): it runs while the monitor comes up.
+    # The OSD's mkfs is local (bluestore on its file): it runs while the monitor comes up, and
+    # so must not ask the monitor for configuration (it would fail if that came too late).
     mkfs = subprocess.Popen(
-        ["ceph-osd", "-c", str(conf), "-i", "0", "--mkfs", "--osd-uuid", osd_uuid],
+        ["ceph-osd", "-c", str(conf), "-i", "0", "--mkfs", "--osd-uuid", osd_uuid,
+         "--no-mon-config"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     cluster = CephCluster(path=path, fsid=fsid, address=address, admin_key=admin_key)
     cluster.save()
