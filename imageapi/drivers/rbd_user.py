@@ -137,6 +137,10 @@ class UserRbdAttach(RbdBase):
             try:
                 started = client.start(directory, self._request(spec, ro, timeout), timeout)
             except client.ServerError as exc:
+                if exc.local:
+                    name = errno.errorcode.get(exc.errno, "EIO")
+                    raise SystemFault(f"{name}: cannot map {describe(identity(spec))} here: "
+                                      f"{exc.message}") from exc
                 raise map_error(exc.errno, spec, exc.message) from exc
             step.done(pid=started.pid, start=started.start_time)
         status = started.status

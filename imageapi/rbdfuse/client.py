@@ -46,10 +46,11 @@ _children_lock = threading.Lock()
 
 
 class ServerError(Exception):
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, local: bool = True) -> None:
         super().__init__(message)
         self.errno = code
         self.message = message
+        self.local = local  # this host's fault (no FUSE, a dead server), not the request's
 
 
 class ServerBusy(ServerError):
@@ -98,10 +99,11 @@ def start(directory: Path, request: dict[str, Any], timeout: float) -> Started:
                      timeout + START_GRACE)
         if reply is None:
             raise ServerError(errno.ETIMEDOUT, f"the FUSE server did not answer within "
-                              f"{timeout + START_GRACE:g} s")
+                              f"{timeout + START_GRACE:g} s", local=False)
         if reply.get("op") != "attached":
             raise ServerError(int(reply.get("errno") or errno.EIO),
-                              str(reply.get("error") or "the FUSE server failed"))
+                              str(reply.get("error") or "the FUSE server failed"),
+                              local=bool(reply.get("local")))
         return Started(proc.pid, start_time(proc.pid) or 0, reply)
     except BaseException:
         if proc is not None:

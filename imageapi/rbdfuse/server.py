@@ -11,7 +11,8 @@ Protocol (version 1), SOCK_SEQPACKET, one JSON object per message, one request p
   daemon -> server  {"op": "attach", "version": 1, ...the mapping, with its key}   (first, once)
                     {"op": "hello"}                       (a daemon finding it again)
                     {"op": "stop", "force": bool}
-  server -> daemon  {"op": "attached", ...status} | {"op": "failed", "errno": N, "error": T}
+  server -> daemon  {"op": "attached", ...status}
+                    | {"op": "failed", "errno": N, "error": T, "local": bool (this host's fault)}
                     {"op": "status", ...status}
                     {"op": "stopped"} | {"op": "busy", "error": T}
 The key reaches the server over that socket only: never in its argv, its environment or a
@@ -66,9 +67,10 @@ _libc = ctypes.CDLL(None)
 
 
 class AttachFailed(Exception):
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, local: bool = False) -> None:
         super().__init__(message)
         self.errno = code
+        self.local = local  # a fault of this host (no FUSE, no bindings), not of the request
 
 
 class RbdBackend:
@@ -157,7 +159,7 @@ class Mapping:
         try:
             rados, rbd = bindings.load()
         except bindings.BindingsMissing as exc:
-            raise AttachFailed(errno.ENOPKG, str(exc)) from None
+            raise AttachFailed(errno.ENOPKG, str(exc), local=True) from None
         self.librbd = ".".join(map(str, rbd.RBD().version()))
         timeout = str(r["timeout"])
         conf = {
@@ -211,12 +213,15 @@ class Mapping:
         # that a write is in librbd when the block layer says it is done.
         self.fs = fuse.OneFileFs(backend, FILE_NAME, max_background=int(r["queue_depth"]),
                                  keep_cache=self.read_only, direct_io=not self.read_only)
-        self.mountpoint.mkdir(mode=0o700, exist_ok=True)
         source = f"imageapi-rbd:{r['pool']}/{r['image']}" + (
             f"@{r['snapshot']}" if r.get("snapshot") else "")
-        self.fs.mount(str(self.mountpoint), source, self.read_only, FUSE_THREADS)
-        if self.read_only:
-            self.fs.set_readahead(READAHEAD_KIB)
+        try:
+            self.mountpoint.mkdir(mode=0o700, exist_ok=True)
+            self.fs.mount(str(self.mountpoint), source, self.read_only, FUSE_THREADS)
+            if self.read_only:
+                self.fs.set_readahead(READAHEAD_KIB)
+        except OSError as exc:
+            raise AttachFailed(exc.errno or errno.EIO, str(exc), local=True) from exc
         self.step = "attached"
 
     def status(self) -> dict[str, Any]:
@@ -280,6 +285,7 @@ def _attach(mapping: Mapping, conn: socket.socket) -> str:
     worker = threading.Thread(target=run, name="attach", daemon=True)
     worker.start()
     worker.join(float(mapping.request["timeout"]))
+    local = False
     if worker.is_alive():
         result = "hung"
         code, message = errno.ETIMEDOUT, (f"no answer within {mapping.request['timeout']} s "
@@ -288,11 +294,13 @@ def _attach(mapping: Mapping, conn: socket.socket) -> str:
         result = "failed"
         code, message = _error_of(outcome["error"])
         message = f"{mapping.step}: {message}"
+        local = bool(getattr(outcome["error"], "local", False))
     else:
         _send(conn, {"op": "attached", **mapping.status()})
         return "attached"
     log.error("attach failed: %s (%s)", message, errno.errorcode.get(code, code))
-    _send(conn, {"op": "failed", "errno": code, "error": message})
+    _send(conn, {"op": "failed", "errno": code, "error": message,
+                 "local": result == "failed" and local})
     return result
 
 
