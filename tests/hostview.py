@@ -78,6 +78,23 @@ def comm(pid: int) -> str:
         return ""
 
 
+def running(name: str) -> set[int]:
+    """Live processes called `name` (comm), zombies left out: an orphan's end is reaped by
+    PID 1 whenever it gets to it."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm, _, rest = stat.partition("(")[2].rpartition(")")
+        if comm == name and rest.split()[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
 def tree(root: Path) -> set[str]:
     if not root.exists():
         return set()

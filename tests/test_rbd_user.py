@@ -37,7 +37,7 @@ READER = ("/bin/sh -c \"cat /etc/os-release; echo written > /written; "
 
 
 def fuse_servers() -> set[int]:
-    return {p for p in hostview.descendants(1) if hostview.comm(p) == "imageapi-rbd"}
+    return hostview.running("imageapi-rbd")
 
 
 def fuse_mounts() -> set[str]:
@@ -450,7 +450,7 @@ def test_a_killed_fuse_server_fails_its_mapping_and_detach_still_cleans_up(
     (server,) = fuse_servers()
     os.kill(server, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while hostview.comm(server):
+    while server in hostview.running("imageapi-rbd"):
         assert time.monotonic() < deadline, "the FUSE server did not die"
         time.sleep(0.05)
     # Its mapping is gone with it: reads fail (nothing is cached of this file yet).

@@ -181,7 +181,7 @@ class Mapping:
             # a snapshot (every rbd_atime_update_interval): off, so nothing is ever written.
             conf["rbd_atime_update_interval"] = "0"
             conf["rbd_mtime_update_interval"] = "0"
-            conf["rbd_cache"] = "false"
+            conf["rbd_cache"] = "false"  # the kernel's page cache of the FUSE file is the cache
         self.step = "setting up the client"
         self.cluster = rados.Rados(rados_id=r["name"], conf=conf)
         self.step = f"connecting to the monitors ({conf['mon_host']})"
