@@ -38,6 +38,7 @@ from connexion.options import SwaggerUIOptions
 from connexion.resolver import Resolver
 from starlette.exceptions import HTTPException
 
+from imageapi.api.dialect import v1_kind
 from imageapi.api.error_handlers import ErrorHandlers, RouteTable, shorten_access_log
 from imageapi.api.legacy import LegacyShim
 from imageapi.api.middleware import BodyGuard, IdGuard, StaticDocument
@@ -81,7 +82,13 @@ def create_app(
         handlers = Handlers(service)
     if kind_of is None:
         registry = getattr(service, "registry", None)
-        kind_of = getattr(registry, "kind_of", None) or _no_kinds
+        registry_kind_of = getattr(registry, "kind_of", None)
+        if registry_kind_of is None:
+            kind_of = _no_kinds
+        else:
+            # v1's wire name of the kind (a mount of a local device is `attach` there).
+            def kind_of(mount_id: int) -> str | None:
+                return v1_kind(registry_kind_of(mount_id))
 
     spec = load_spec()
     errors = ErrorHandlers(RouteTable.from_spec(spec))

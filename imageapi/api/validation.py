@@ -128,7 +128,9 @@ class JsonBodyValidator(JSONRequestBodyValidator):
 
     def _validate(self, body: Any) -> None:
         if body is None:
-            raise BadRequestProblem(detail=MISSING_BODY)
+            if self._required:
+                raise BadRequestProblem(detail=MISSING_BODY)
+            return  # an optional body left out (DELETE /mount?id=N)
         validator = Draft4RequestValidator(self._schema, format_checker=FORMAT_CHECKER)
         error = first_error(validator, body)
         if error is not None:
