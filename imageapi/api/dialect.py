@@ -232,8 +232,8 @@ class Parser:
 
 
 def _ref(item: Body, slot: str) -> int | None:
-    """The id a mount or attach object refers to: 0.2's `id` or v1's `mount_id`."""
-    for key in ("id", "mount_id"):
+    """The id a mount or attach object refers to: v1's `mount_id` (first) or 0.2's `id`."""
+    for key in ("mount_id", "id"):
         value = item.get(key)
         if value is None or value == 0:
             continue
