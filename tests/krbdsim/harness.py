@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes.util
 import json
 import os
 import shutil
@@ -205,20 +204,8 @@ def _start(tmp: Path, cluster: ClusterInfo, single_major: bool) -> RunningSimula
             stdout=out,
             stderr=err,
             start_new_session=True,
-            env=_fuse3_env(),
         )
     return RunningSimulator(sysfs, devdir, cluster, proc, stdout_path, stderr_path)
-
-
-def _fuse3_env() -> dict[str, str]:
-    """The environment, with mfusepy pointed at libfuse 3: the simulator uses its options,
-    and mfusepy prefers libfuse 2 where both are installed (ceph-fuse brings libfuse2)."""
-    env = dict(os.environ)
-    if "FUSE_LIBRARY_PATH" not in env:
-        found = ctypes.util.find_library("fuse3")
-        if found:
-            env["FUSE_LIBRARY_PATH"] = found
-    return env
 
 
 def _wait_ready(sim: RunningSimulator) -> None:
