@@ -259,10 +259,10 @@ class Registry:
 
     def _acquire(self, need: Need) -> Node:
         """Take a reference on an existing object for a new user."""
-        if need.accept or need.kind is None:
-            want = f"{need.kind or need.collection} object"
-        else:
-            want = self._driver(need.collection, need.kind).noun
+        driver = self._drivers.get((need.collection, need.kind or ""))
+        # A kind no driver serves (0.2's nfs) is still a kind the id may fail to be.
+        want = driver.noun if driver and not need.accept else \
+            f"{need.kind} {need.collection}" if need.kind else f"{need.collection} object"
         with self._lock:
             node = self._nodes.get(need.ref or 0)
             if node is None or node.collection != need.collection:

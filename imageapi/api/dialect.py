@@ -112,9 +112,7 @@ class Parser:
     def mount_ref(self, kind: str, ref: int, slot: str) -> Body:
         if kind in ("attach", "nfs", "uri"):
             self.spoke_02()
-        if kind in ("nfs", "uri"):
-            raise NotFound(f"{slot}: no {kind} mount with id {ref} (none can exist here)")
-        if kind not in (*V1_MOUNT_KINDS, "attach"):
+        if kind not in (*V1_MOUNT_KINDS, *MOUNT_KINDS_02):
             raise BadRequest(f"{slot}.kind: unknown mount kind {kind!r}")
         return {"kind": kind, "mount_id": ref}
 
