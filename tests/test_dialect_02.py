@@ -224,6 +224,7 @@ def test_attach_rbd_read_and_delete(stack: Stack) -> None:
         ("POST", "/mount", None, {"kind": "nfs", "nfs": {"host": "127.0.0.1",
                                                           "path": "/export"}}, 501, "NFS"),
         ("POST", "/mount", None, {"kind": "uri", "uri": {}}, 400, "uri"),
+        ("POST", "/mount", None, {"kind": "uri"}, 501, "no server implements"),
         ("POST", "/mount", None, {"kind": "attach", "attach": {
             **SQUASHFS_RO, "attach": {"id": 999999}}}, 404, "999999"),
         ("POST", "/mount", None, {"kind": "bind", "bind": {"path": "etc", "base": "mount"}},

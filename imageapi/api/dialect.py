@@ -126,8 +126,8 @@ class Parser:
         if kind not in (*V1_MOUNT_KINDS, "attach"):
             raise BadRequest(f"{slot}.kind: unknown mount kind {kind!r}")
         if not isinstance(definition, dict):
-            raise BadRequest(f"{slot}: give id (an existing mount) or a {kind} mount "
-                             f"definition under {kind!r}")
+            raise BadRequest(f"{slot}: give mount_id or a {kind} mount definition under "
+                             f"{kind!r}")
         where = f"{slot}.{kind}"
         if kind == "attach":
             return self.attach_mount(definition, where)

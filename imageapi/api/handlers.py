@@ -114,6 +114,9 @@ class Handlers:
             if body.get(key):
                 raise BadRequest(f"{key} refers to an existing mount; POST /mount defines a new "
                                  "one")
+        kind = body["kind"]
+        if kind not in ("nfs", "uri") and not isinstance(body.get(kind), dict):
+            raise BadRequest(f"{kind}: the {kind} mount to create is required")
         parser = self._parser()
         kind, spec = parser.mount_definition(body, "body")
         return self.graph.create("mount", kind, spec, VIEWS[parser.dialect].mount), 201
