@@ -502,3 +502,12 @@ def test_reads_answer_while_deletes_wait_out_stop_timeouts(stack: Stack) -> None
             future.result()
     api.delete("/mount", params={"id": ovl["id"]})
     nothing_left(stack)
+
+
+def test_an_explicit_null_body_is_not_a_left_out_one(stack: Stack, tmp_path: Path) -> None:
+    mnt = stack.api.post("/mount", {"kind": "bind", "bind": {"path": str(tmp_path),
+                                                              "base": "root"}})
+    answer = stack.api.request("DELETE", "/mount", 400, params={"id": mnt["id"]},
+                               content=b"null", headers={"content-type": "application/json"})
+    assert "body" in answer.json()["message"]
+    stack.api.delete("/mount", params={"id": mnt["id"]})

@@ -150,7 +150,7 @@ SEMANTIC_400: dict[str, str] = {
         "a bind's or loopback's path is a host path for v1 and `base: root`, a path inside the "
         "mount with `base: mount`: one shared definition, told apart by `base` (no `if`/`then` "
         "in Swagger 2)",
-    r"mount: required when base is 'mount'":
+    r"[\w.\[\]]*mount: required when base is 'mount'":
         "`mount` is needed only with `base: mount`: Swagger 2 has no dependent required",
     r"[\w.\[\]]*attach: attachment \d+ is \w+, not \w+":
         "the referenced attachment exists but is another kind (ids are global)",

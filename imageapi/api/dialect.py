@@ -191,6 +191,9 @@ class Parser:
         if base == "root" and isinstance(path, str):
             out["path"] = "/" + path.lstrip("/")
         elif base == "mount":
+            if spec.get("mount") is None:
+                raise BadRequest(f"{slot}.mount: required when base is 'mount' (the mount the "
+                                 "path lies in)")
             out["mount"] = self.mount(spec.get("mount"), f"{slot}.mount")
         return out
 
