@@ -656,6 +656,7 @@ class _Steer:
         self.live = live  # collection -> live ids, or None: leave references alone
         self.definitions = _spec(_target()["base_url"])["definitions"]
         self.creating_mount: Any = None  # the body of POST /mount: a mount_id there is a 400
+        self.creating_attach: Any = None  # the body of POST /attach: an id there is a 400
 
     def chance(self, p: float) -> bool:
         return self.rng.random() < p
@@ -674,6 +675,8 @@ class _Steer:
             if parameter.get("in") == "body":
                 if operation.get("operationId") == "mount":
                     self.creating_mount = case.body
+                if operation.get("operationId") == "attach":
+                    self.creating_attach = case.body
                 self.walk(case.body, parameter.get("schema", {}))
         if self.live is not None:
             self.path(case)
@@ -767,11 +770,15 @@ class _Steer:
         """A 0.2 attachment: mostly a reference to a live one, where it is one; a definition
         mostly of a kind whose member it has (random data pairs them by chance)."""
         if _valid(attach, name, "id"):
-            self.use_live_ref(attach, "id", "/attach")
-            attach.pop("kind", None)  # a reference's kind must match; the id's is enough
-            return
+            if attach is not self.creating_attach:
+                self.use_live_ref(attach, "id", "/attach")
+                attach.pop("kind", None)  # a reference's kind must match; the id's is enough
+                return
+            if self.chance(P_LIVE_REF):
+                del attach["id"]
         members = [k for k in ("rbd", "loopback", "local") if isinstance(attach.get(k), dict)]
-        if members and _valid(attach, name, "kind") and self.chance(P_REAL_IMAGE):
+        if members and ("kind" not in attach or _valid(attach, name, "kind")) \
+                and self.chance(P_REAL_IMAGE):
             attach["kind"] = self.rng.choice(members)
 
     def steer_mount_bind(self, mount: dict[str, Any], name: str) -> None:
