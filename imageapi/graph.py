@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 Listener = Callable[[str, Node], None]
 Row = dict[str, Any]
+# How a caller wants an object shown: (node, the driver's own view of a node) -> JSON. Called
+# with the lock held, so it sees one consistent graph; it must only read.
+Render = Callable[[Node, Callable[[Node], dict[str, Any]]], Any]
+Kinds = str | tuple[str, ...] | None  # one kind, any of several, or any kind of the collection
 # Ids reserved in the record at a time: one write per block, not per object.
 ID_BLOCK = 64
 
@@ -76,31 +80,40 @@ class Registry:
     def kinds(self, collection: str) -> list[str]:
         return sorted(k for c, k in self._drivers if c == collection)
 
-    def create(self, collection: str, kind: str, spec: Spec) -> dict[str, Any]:
+    def create(self, collection: str, kind: str, spec: Spec, render: Render | None = None
+               ) -> Any:
         self._check(collection, kind, spec)
         try:
             node = self._create(collection, kind, spec, owned=False)
         finally:
             self._flush()
         with self._lock:
-            return self._render(node)
+            return self._show(node, render)
 
-    def get(self, collection: str, kind: str | None, node_id: int) -> dict[str, Any]:
+    def get(self, collection: str, kind: Kinds, node_id: int, render: Render | None = None
+            ) -> Any:
         with self._lock:
             node = self._lookup(collection, kind, node_id)
-            return self._render_as(node, generic=kind is None)
+            if render is None:
+                return self._render_as(node, generic=kind is None)
+            return render(node, self._render)
 
-    def list(self, collection: str, kind: str | None = None) -> list[dict[str, Any]]:
+    def list(self, collection: str, kind: Kinds = None, render: Render | None = None,
+             where: Callable[[Node], bool] | None = None) -> list[Any]:
         with self._lock:
-            return [
-                self._render_as(n, generic=kind is None)
-                for n in sorted(self._nodes.values(), key=lambda n: n.id)
-                if n.collection == collection
-                and (kind is None or n.kind == kind)
-                and n.status == "ready"
+            nodes = [
+                n for n in sorted(self._nodes.values(), key=lambda n: n.id)
+                if n.collection == collection and _admits(kind, n.kind)
+                and n.status == "ready" and (where is None or where(n))
             ]
+            if render is None:
+                return [self._render_as(n, generic=kind is None) for n in nodes]
+            return [render(n, self._render) for n in nodes]
 
-    def delete(self, collection: str, kind: str, node_id: int) -> dict[str, Any]:
+    def delete(self, collection: str, kind: Kinds, node_id: int, render: Render | None = None,
+               force: bool = False) -> Any:
+        """Tear the object down. `force` is handed to the drivers (what the system still holds
+        outside the graph); what the graph holds is a 409 either way, and changes nothing."""
         with self._lock:
             node = self._lookup(collection, kind, node_id)
             what = self._noun(node)
@@ -116,11 +129,11 @@ class Registry:
             self._commit("release", node)
         try:
             self._flush()  # "being destroyed" is on record before the first kernel call
-            self._teardown(node, restore=True)
+            self._teardown(node, restore=True, force=force)
         finally:
             self._flush()
         with self._lock:
-            return self._render(node)  # as it ended: refs 0, a container's final state
+            return self._show(node, render)  # as it ended: refs 0, a container's final state
 
     def find_name(self, collection: str, kind: str, name: str) -> int:
         """The id of the object of that kind holding `name` (containers have names)."""
@@ -132,7 +145,8 @@ class Registry:
                 raise NotFound(f"no {driver.noun} named {name!r}")
             return node.id
 
-    def change(self, collection: str, kind: str, node_id: int, target: str) -> dict[str, Any]:
+    def change(self, collection: str, kind: str, node_id: int, target: str,
+               render: Render | None = None) -> Any:
         """Ask an object to move to another state (start or stop a container)."""
         with self._lock:
             node = self._lookup(collection, kind, node_id)
@@ -142,12 +156,18 @@ class Registry:
         finally:
             self._flush()
         with self._lock:
-            return self._render(node)
+            return self._show(node, render)
 
     def kind_of(self, node_id: int, collection: str = "mount") -> str | None:
         with self._lock:
             node = self._nodes.get(node_id)
             return node.kind if node and node.collection == collection else None
+
+    def node(self, collection: str, kind: Kinds, node_id: int) -> Node:
+        """The ready object (404 otherwise), for a caller that then waits on it outside the
+        lock (a delete waiting for a container's end)."""
+        with self._lock:
+            return self._lookup(collection, kind, node_id)
 
     def subscribe(self, listener: Listener) -> None:
         """Call `listener(event, node)` on every committed change, with the lock held."""
@@ -253,12 +273,15 @@ class Registry:
 
     def _acquire(self, need: Need) -> Node:
         """Take a reference on an existing object for a new user."""
-        want = self._driver(need.collection, need.kind).noun
+        driver = self._drivers.get((need.collection, need.kind or ""))
+        # A kind no driver serves (0.2's nfs) is still a kind the id may fail to be.
+        want = driver.noun if driver and not need.accept else \
+            f"{need.kind} {need.collection}" if need.kind else f"{need.collection} object"
         with self._lock:
             node = self._nodes.get(need.ref or 0)
             if node is None or node.collection != need.collection:
                 raise NotFound(f"{need.slot}: no {need.collection} object with id {need.ref}")
-            if node.kind != need.kind:
+            if not need.admits(node.kind):
                 raise BadRequest(
                     f"{need.slot}: {need.collection} {node.id} is {_a(self._noun(node))}, "
                     f"not {_a(want)}"
@@ -271,17 +294,18 @@ class Registry:
 
     # -- tearing down ------------------------------------------------------------------------
 
-    def _release_all(self, resolved: list[tuple[Need, Node]]) -> list[ApiError]:
+    def _release_all(self, resolved: list[tuple[Need, Node]], force: bool = False
+                     ) -> list[ApiError]:
         """Release the objects a node stood on, last first; return what could not go."""
         failures: list[ApiError] = []
         for _need, child in reversed(resolved):
             try:
-                self._release(child)
+                self._release(child, force)
             except ApiError as exc:
                 failures.append(exc)
         return failures
 
-    def _release(self, node: Node) -> None:
+    def _release(self, node: Node, force: bool = False) -> None:
         with self._lock:
             node.refs -= 1
             dead = node.refs == 0
@@ -290,9 +314,9 @@ class Registry:
             self._commit("release", node)
         if dead:
             self._flush()  # "being destroyed" is on record before the first kernel call
-            self._teardown(node, restore=False)
+            self._teardown(node, restore=False, force=force)
 
-    def _teardown(self, node: Node, restore: bool) -> None:
+    def _teardown(self, node: Node, restore: bool, force: bool = False) -> None:
         """Destroy a node nobody holds, then release what it stood on.
 
         If the kernel refuses, the node stays, held by the API again (so it can be deleted by
@@ -301,7 +325,7 @@ class Registry:
         """
         driver = self._drivers[(node.collection, node.kind)]
         try:
-            driver.destroy(node)
+            driver.destroy(node, force=force)
         except Exception as exc:
             with self._lock:
                 node.refs, node.api_held, node.owner, node.status = 1, True, None, "ready"
@@ -319,7 +343,7 @@ class Registry:
                 del self._claims[node.claim]
             self._commit("destroy", node)
         log.info("destroyed %s %d", driver.noun, node.id)
-        failures = self._release_all(node.needs)
+        failures = self._release_all(node.needs, force)
         if failures:
             noun = driver.noun
             detail = "; ".join(f.message for f in failures)
@@ -327,17 +351,20 @@ class Registry:
 
     # -- helpers (lock held) -------------------------------------------------------------
 
-    def _lookup(self, collection: str, kind: str | None, node_id: int) -> Node:
+    def _lookup(self, collection: str, kind: Kinds, node_id: int) -> Node:
         node = self._nodes.get(node_id)
         if (
             node is None
             or node.collection != collection
-            or (kind is not None and node.kind != kind)
+            or not _admits(kind, node.kind)
             or node.status != "ready"
         ):
-            noun = self._driver(collection, kind).noun if kind else collection
+            noun = self._driver(collection, kind).noun if isinstance(kind, str) else collection
             raise NotFound(f"no {noun} with id {node_id}")
         return node
+
+    def _show(self, node: Node, render: Render | None) -> Any:
+        return self._render(node) if render is None else render(node, self._render)
 
     def _users(self, node: Node) -> list[Node]:
         return [
@@ -380,7 +407,8 @@ class Registry:
             "refs": node.refs, "api_held": node.api_held, "owner": node.owner,
             "status": node.status,
             "claim": list(node.claim) if isinstance(node.claim, tuple) else node.claim,
-            "needs": [{"slot": need.slot, "collection": need.collection, "kind": need.kind,
+            # The kind found, not asked: a 0.2 reference may accept several.
+            "needs": [{"slot": need.slot, "collection": need.collection, "kind": dep.kind,
                        "id": dep.id, "ref": need.ref is not None} for need, dep in node.needs],
         }  # fmt: skip
 
@@ -401,6 +429,12 @@ class Registry:
                     self._pending[:0] = batch
                 log.error("the durable record cannot be written: %s", exc)
                 raise SystemFault(f"the durable record cannot be written: {exc}") from exc
+
+
+def _admits(kinds: Kinds, kind: str) -> bool:
+    if kinds is None:
+        return True
+    return kind == kinds if isinstance(kinds, str) else kind in kinds
 
 
 def _a(noun: str) -> str:

@@ -13,11 +13,12 @@ from pathlib import Path
 from imageapi.config import Settings
 from imageapi.drivers.bind_mount import BindMount
 from imageapi.drivers.container import ContainerDriver
+from imageapi.drivers.local_attach import LocalAttach
 from imageapi.drivers.loopback_attach import LoopbackAttach
 from imageapi.drivers.overlay_mount import OverlayMount
 from imageapi.drivers.rbd_attach import RbdAttach, choose
 from imageapi.drivers.rbd_krbd import KrbdAttach
-from imageapi.drivers.rbd_mount import LoopbackMount, RbdMount
+from imageapi.drivers.rbd_mount import LocalMount, LoopbackMount, RbdMount
 from imageapi.drivers.rbd_user import UserRbdAttach
 from imageapi.errors import ApiError
 from imageapi.graph import Registry
@@ -63,8 +64,10 @@ class Service:
             [
                 self.rbds,
                 self.loopbacks,
+                LocalAttach(),
                 RbdMount(settings.mounts),
                 LoopbackMount(settings.mounts),
+                LocalMount(settings.mounts),
                 BindMount(settings.mounts),
                 OverlayMount(settings.mounts),
                 self.containers,

@@ -331,10 +331,10 @@ def purge(url: str) -> list[str]:
     try:
         for _ in range(10):  # inline children go with their owners; collect again
             batch = [f"/container/{c['id']}" for c in api.get("/container")]
-            mounts = sorted(api.get("/mount"), key=lambda m: -m["mount_id"])
-            batch += [f"/mount/{m['kind']}/{m['mount_id']}" for m in mounts]
-            batch += [f"/attach/rbd/{r['id']}" for r in api.get("/attach/rbd")]
-            batch += [f"/attach/loopback/{a['id']}" for a in api.get("/attach/loopback")]
+            # By id (0.2): a mount of a local device has no v1 path.
+            everything = [(m["id"], f"/mount?id={m['id']}") for m in api.get("/mount")]
+            everything += [(a["id"], f"/attach?id={a['id']}") for a in api.get("/attach")]
+            batch += [path for _id, path in sorted(everything, reverse=True)]
             if not batch:
                 break
             for path in batch:
@@ -372,8 +372,7 @@ class Stack:
 
     def world(self) -> World:
         objects = (
-            self.api.get("/attach/rbd"),
-            self.api.get("/attach/loopback"),
+            self.api.get("/attach"),
             self.api.get("/mount"),
             self.api.get("/container"),
         )

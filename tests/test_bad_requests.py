@@ -141,7 +141,7 @@ CASES: dict[str, Case] = {
     "overlay-no-lower": Case("POST", "/mount/overlay", lambda s, b: {}, 400, "lower"),
     "overlay-bad-kind": Case("POST", "/mount/overlay",
                              lambda s, b: {"lower": [{"kind": "nfs", "mount_id": b.mnt}]}, 400,
-                             "kind"),
+                             "not a nfs mount"),
     "overlay-lower-without-id-or-definition": Case(
         "POST", "/mount/overlay", lambda s, b: {"lower": [{"kind": "rbd"}]}, 400, "lower"),
     "generic-post-with-reference": Case("POST", "/mount",

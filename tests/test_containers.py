@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests import hostview
+from tests.apiclient import ref
 from tests.conftest import STOP_TIMEOUT, Stack
 
 EXPECTED_DEV = {"console", "fd", "full", "mqueue", "null", "ptmx", "pts", "random", "shm",
@@ -125,7 +126,7 @@ def test_seed_walkthrough_steps_6_to_9(stack: Stack) -> None:
         "state": "created", "systemd": False,
     })
     assert c["state"] == "created" and "pid" not in c
-    assert c["mount"] == {"kind": "overlay", "mount_id": ovl["id"]}
+    assert ref(c["mount"]) == {"kind": "overlay", "mount_id": ovl["id"]}
     logfile = Path(c["logfile"])
     assert logfile.parent == stack.server.run_dir / "logs"
     assert logfile.name.startswith(f"{c['id']}-") and logfile.suffix == ".log"

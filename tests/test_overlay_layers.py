@@ -22,7 +22,7 @@ from imageapi.drivers import overlay_mount
 from imageapi.errors import BadRequest
 from imageapi.kernel import mount as km
 from tests import hostview
-from tests.apiclient import Api
+from tests.apiclient import Api, ref
 from tests.conftest import Server, Stack, checked_server, need_privileges
 
 # mount_XXXXXXXX under a 45-character dir is 60 characters: "lowerdir=" and 67 of them with
@@ -150,7 +150,8 @@ def test_overlay_mounts_every_layer_or_refuses(
             return
         ovl = api.post("/mount/overlay", body)
         try:
-            assert ovl["lower"] == [{"kind": "bind", "mount_id": b["id"]} for b in binds]
+            assert [ref(x) for x in ovl["lower"]] == [{"kind": "bind", "mount_id": b["id"]}
+                                                     for b in binds]
             top, upper = Path(ovl["mountpoint"]), Path(ovl["upperdir"])
             seen = kernel_overlay(str(top))
             assert seen is not None, f"no mount on {top}"

@@ -765,3 +765,51 @@ def test_a_run_dir_named_through_a_symlink(daemon: Daemon, cluster: Any, tmp_pat
     daemon.api.delete(f"/mount/overlay/{ovl['id']}")
     daemon.api.delete(f"/mount/rbd/{mnt['mount_id']}")
     daemon.run_dir = real / "run"  # for the fixture's checks, which compare real paths
+
+
+def test_0_2_kinds_survive_a_restart(daemon: Daemon, cluster: Any, sim: Any, images: Path,
+                                     image_tree: Path, tmp_path: Path) -> None:
+    """A `local` device and its mount, a loop device over a file inside a mount, a bind
+    inside a mount and a container from 0.2's nested create, across a SIGKILL restart."""
+    import shutil
+
+    tree = shutil.copytree(image_tree, tmp_path / "tree", symlinks=True)
+    (tree / "images").mkdir()
+    shutil.copyfile(images / "local.sqsh", tree / "images/inner.sqsh")
+    outer = build_squashfs(tree, images / "outer.sqsh")
+    device = subprocess.run(["losetup", "-f", "--show", "-r", str(images / "local.sqsh")],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    ro = {"fs_type": "squashfs", "mount_options": ["ro"]}
+    try:
+        daemon.start()
+        api = daemon.api
+        local = api.post("/attach", {"kind": "local", "local": {"path": device}})
+        api.post("/mount", {"kind": "attach", "attach": {**ro, "attach": {"id": local["id"]}}})
+        base = api.post("/mount", {"kind": "attach", "attach": {**ro, "attach": {
+            "kind": "loopback", "loopback": {"path": str(outer), "base": "root"}}}})
+        in_base = {"kind": "attach", "id": base["id"]}
+        inner = api.post("/attach", {"kind": "loopback", "loopback": {
+            "path": "images/inner.sqsh", "base": "mount", "mount": in_base}})
+        api.post("/mount", {"kind": "bind", "bind": {"path": "etc", "base": "mount",
+                                                     "mount": in_base}})
+        api.post("/container", {"name": "k02", "command": WAITER, "state": "running",
+                                "mount": {"kind": "overlay", "overlay": {"lower": [
+                                    {"kind": "attach", "attach": {**ro, "attach": {
+                                        "id": inner["id"]}}}]}}})
+        views = ("/attach", "/mount", "/container")
+        before = {path: api.get(path) for path in views}
+        daemon.restart(signal.SIGKILL)
+        api = daemon.api
+        assert {path: api.get(path) for path in views} == before
+        assert "0 dropped" in daemon.log()
+        api.delete("/container", params={"name": "k02"})
+        # Newest first: a user is newer than what it stands on (the inner file's loop device
+        # stands on the outer image's mount); what an object owns goes with it.
+        while objects := [(m["id"], "/mount") for m in api.get("/mount")] + [
+                (a["id"], "/attach") for a in api.get("/attach")]:
+            ident, path = max(objects)
+            api.delete(path, params={"id": ident})
+        assert hostview.loop_devices()[Path(device).name] == str(images / "local.sqsh")
+    finally:
+        subprocess.run(["losetup", "-d", device], check=True)
+        outer.unlink()

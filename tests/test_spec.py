@@ -61,13 +61,37 @@ ADDED_OPERATIONS = [
     ("get", "/mount/bind/{id}", "get_mount_bind"),
     ("delete", "/mount/bind/{id}", "unmount_bind"),
 ]
-ADDED_DEFINITIONS = {"loopback", "mount_loopback", "mount_bind"}
-MOUNT_KINDS = ["rbd", "overlay", "loopback", "bind"]  # v1's two first
+# The 0.2 dialect (../shared/api-0.2-facts.md): the operations that are new beside v1 (GET,
+# POST and DELETE /mount and GET, POST /container are v1's, which take 0.2's shapes too).
+OPERATIONS_02 = [
+    ("get", "/attach", "list_attachments"),
+    ("post", "/attach", "attach"),
+    ("delete", "/attach", "delete_attach"),
+    ("delete", "/container", "delete_container_by_query"),
+    ("patch", "/container", "set_container_state_by_query"),
+]
+# 0.2 query parameters of operations shared with v1.
+QUERIES_02 = {
+    ("get", "/mount"): ["id", "kind"],
+    ("delete", "/mount"): ["id", "force"],
+    ("get", "/container"): ["id", "name", "state"],
+    ("get", "/attach"): ["id", "kind"],
+    ("delete", "/attach"): ["id", "force"],
+    ("delete", "/container"): ["id", "name", "force"],
+    ("patch", "/container"): ["state", "id", "name"],
+}
+ADDED_DEFINITIONS = {
+    "loopback", "mount_loopback", "mount_bind",
+    "attach", "attach_rbd", "attach_loopback", "attach_local", "attach_iscsi", "mount_attach",
+    "mount_nfs",
+}  # fmt: skip
+MOUNT_KINDS = ["rbd", "overlay", "loopback", "bind", "attach", "nfs", "uri"]  # v1's two first
 SERVER_SET = {
     "id", "device_id", "device_file", "refs", "mountpoint", "upperdir", "workdir", "logfile",
     "pid",
 }  # fmt: skip
 TAGS = {"/attach": "attach", "/mount": "mounts", "/container": "containers"}
+TAGS_02 = {"/attach": "attachments", "/mount": "mounts", "/container": "containers"}
 NAMESPACES = ["cgroup", "ipc", "net", "mnt", "pid", "time", "user", "uts"]
 CONTAINER_STATES = ["created", "running", "stopping", "exited", "dead"]
 
@@ -121,7 +145,7 @@ def test_spec_is_valid_swagger_2(spec: dict[str, Any]) -> None:
     assert spec["basePath"] == "/imageapi/v1"
     assert spec["consumes"] == ["application/json"]
     assert spec["produces"] == ["application/json"]
-    assert [t["name"] for t in spec["tags"]] == ["attach", "mounts", "containers"]
+    assert [t["name"] for t in spec["tags"]] == ["attach", "attachments", "mounts", "containers"]
     assert all(t.get("description") for t in spec["tags"])
 
 
@@ -133,14 +157,62 @@ def test_package_ships_the_same_spec(spec: dict[str, Any]) -> None:
 
 def test_every_operation_of_the_contract(spec: dict[str, Any]) -> None:
     found = [(m, p, op["operationId"]) for m, p, op in methods(spec)]
-    assert sorted(found) == sorted(OPERATIONS + ADDED_OPERATIONS)
+    assert sorted(found) == sorted(OPERATIONS + ADDED_OPERATIONS + OPERATIONS_02)
     # Generated clients name their methods after these, in the facts sheet's order.
     v1 = {op for _, _, op in OPERATIONS}
+    v02 = {op for _, _, op in OPERATIONS_02}
     assert [op for _, _, op in found if op in v1] == [op for _, _, op in OPERATIONS]
-    assert [op for _, _, op in found if op not in v1] == [op for _, _, op in ADDED_OPERATIONS]
+    assert [op for _, _, op in found if op not in v1 | v02] == [
+        op for _, _, op in ADDED_OPERATIONS]
     for method, path, op in methods(spec):
-        assert op["tags"] == [TAGS["/" + path.split("/")[1]]]
+        tags = TAGS_02 if op["operationId"] in v02 else TAGS
+        assert op["tags"] == [tags["/" + path.split("/")[1]]]
         assert op.get("summary") or op.get("description"), f"{method} {path}: undocumented"
+        # SwaggerUI says which dialect an operation belongs to.
+        dialect = "[0.2]" if op["operationId"] in v02 else (
+            "[v1, 0.2]" if (method, path) in QUERIES_02 or (method, path) in (
+                ("post", "/mount"), ("post", "/container")) else None)
+        if dialect:
+            assert op["summary"].startswith(dialect), f"{method} {path}: {op['summary']}"
+
+
+def test_0_2_query_parameters(spec: dict[str, Any]) -> None:
+    shared = spec["parameters"]
+    for (method, path), names in QUERIES_02.items():
+        params = [shared[p["$ref"].rsplit("/", 1)[1]] if "$ref" in p else p
+                  for p in spec["paths"][path][method].get("parameters", [])]
+        assert [p["name"] for p in params if p["in"] == "query"] == names, (method, path)
+        for p in params:
+            if p["in"] == "query" and p["name"] == "force":
+                assert (p["type"], p["default"], p["required"]) == ("boolean", False, False)
+            if p["in"] == "query" and p["name"] == "id":
+                assert (p["type"], p["format"]) == ("integer", "int64")
+    assert shared["query_target_state"]["enum"] == ["running", "exited", "paused"]
+    assert shared["query_attach_kind"]["enum"] == ["iscsi", "local", "loopback", "rbd"]
+    assert shared["query_mount_kind"]["enum"] == ["attach", "bind", "nfs", "overlay", "uri"]
+
+
+def test_0_2_definitions(spec: dict[str, Any]) -> None:
+    d = spec["definitions"]
+    attach = d["attach"]
+    assert attach["properties"]["kind"]["enum"] == ["iscsi", "local", "loopback", "rbd"]
+    for kind in ("rbd", "loopback", "local", "iscsi"):
+        assert attach["properties"][kind] == {"$ref": f"#/definitions/attach_{kind}"}
+    assert set(d["attach_loopback"]["required"]) == {"path", "base"}
+    assert d["attach_loopback"]["properties"]["base"]["enum"] == ["root", "mount"]
+    assert d["attach_loopback"]["properties"]["readPartitions"]["default"] is False
+    assert set(d["attach_iscsi"]["required"]) == {"initiator", "target", "host"}
+    assert {k: p.get("default") for k, p in d["attach_iscsi"]["properties"].items()
+            if "default" in p} == {"lun": 0, "port": 3260, "max_comands": 128,
+                                   "queue_depth": 16, "scheduler": "mq-deadline"}
+    assert set(d["mount_attach"]["required"]) == {"attach", "fs_type"}
+    assert d["mount_attach"]["properties"]["attach"] == {"$ref": "#/definitions/attach"}
+    assert set(d["mount_nfs"]["required"]) == {"host", "path"}
+    mount = d["mount"]["properties"]
+    # A superset both dialects decode: both ids, and mountpoint and refs at the top.
+    assert {"id", "mount_id", "mountpoint", "refs"} <= set(mount)
+    assert mount["mountpoint"]["readOnly"] and mount["refs"]["readOnly"]
+    assert d["container"]["properties"]["refs"]["readOnly"] is True
 
 
 def test_definitions(spec: dict[str, Any]) -> None:
@@ -166,6 +238,8 @@ def test_server_set_fields_are_read_only_and_never_required(spec: dict[str, Any]
         for field in SERVER_SET & set(props):
             if name == "rbd_options":
                 continue
+            if field == "id" and name in ("mount", "attach"):
+                continue  # 0.2 references: `{"id": N}` names an existing object
             assert props[field].get("readOnly") is True, f"{name}.{field} is not readOnly"
         required = set(definition.get("required", []))
         read_only = {f for f, p in props.items() if p.get("readOnly")}
@@ -200,7 +274,8 @@ def test_object_shapes(spec: dict[str, Any]) -> None:
     assert mount["properties"]["kind"]["enum"] == MOUNT_KINDS
     assert mount["properties"]["mount_id"] == {"$ref": "#/definitions/id"}
     for kind in MOUNT_KINDS:
-        assert mount["properties"][kind] == {"$ref": f"#/definitions/mount_{kind}"}
+        if kind != "uri":  # in 0.2's enum, never defined
+            assert mount["properties"][kind] == {"$ref": f"#/definitions/mount_{kind}"}
 
 
 def test_local_image_shapes(spec: dict[str, Any]) -> None:
@@ -219,10 +294,11 @@ def test_local_image_shapes(spec: dict[str, Any]) -> None:
     assert d["mount_loopback"]["required"] == ["fs_type"]
     bind = d["mount_bind"]
     assert bind["required"] == ["path"]
-    assert set(bind["properties"]) == {"id", "path", "ro", "mountpoint", "refs"}
-    assert bind["properties"]["ro"]["default"] is True
-    for definition in (loopback, bind):
-        assert definition["properties"]["path"]["pattern"] == "^/"
+    # v1's {path, ro} and 0.2's {path, base, mount, recursive, ro}, told apart by `base`.
+    assert set(bind["properties"]) == {"id", "path", "ro", "base", "mount", "recursive",
+                                       "mountpoint", "refs"}
+    assert "default" not in bind["properties"]["ro"]  # true in v1, false in 0.2
+    assert loopback["properties"]["path"]["pattern"] == "^/"
 
 
 @pytest.mark.parametrize("name", ["pool", "image", "snapshot"])
@@ -244,18 +320,20 @@ def test_rbd_names_cannot_inject_into_the_map_request(
 
 def test_parameters_and_responses(spec: dict[str, Any]) -> None:
     shared = spec["parameters"]
-    assert all(p["in"] == "path" and p["required"] for p in shared.values())
+    assert all(p["in"] == "path" and p["required"] for n, p in shared.items()
+               if not n.startswith("query_"))
     for path, item in spec["paths"].items():
         # Path parameters are declared once, on the path, and in template order.
         names = [part[1:-1] for part in path.split("/") if part.startswith("{")]
         assert item.get("parameters", []) == [{"$ref": f"#/parameters/{n}"} for n in names]
     for method, path, op in methods(spec):
-        params = op.get("parameters", [])
+        params = [p for p in op.get("parameters", []) if "$ref" not in p and p["in"] != "query"]
         for param in params:
-            assert param["in"] == "body" and param["name"] == "body" and param["required"]
+            assert param["in"] == "body" and param["name"] == "body"
+            assert param["required"] or (method, path) == ("delete", "/mount")  # or ?id=
         responses = op["responses"]
         assert "default" in responses
-        success = {"get": "200", "delete": "200", "post": "201"}[method]
+        success = {"get": "200", "delete": "200", "post": "201", "patch": "200"}[method]
         assert success in responses, f"{method} {path}"
         ok_schema = responses[success]["schema"]
         if method == "get" and "{" not in path:
@@ -313,7 +391,7 @@ def test_container_definitions(spec: dict[str, Any]) -> None:
     props = container["properties"]
     assert set(props) == {
         "id", "name", "mount", "command", "systemd", "state", "namespaces", "profile", "logfile",
-        "pid",
+        "pid", "refs",
     }  # fmt: skip
     assert props["profile"]["enum"] == ["node", "confined"]
     assert props["profile"]["default"] == "node"
@@ -327,7 +405,6 @@ def test_container_definitions(spec: dict[str, Any]) -> None:
     assert namespaces["items"] == {"$ref": "#/definitions/container_namespace"}
     assert (props["pid"]["type"], props["pid"]["format"]) == ("integer", "int64")
     assert props["logfile"]["type"] == "string"
-    assert "refs" not in props  # nothing stands on a container
 
 
 @pytest.mark.parametrize(
@@ -362,7 +439,7 @@ def test_container_names(spec: dict[str, Any], value: str, ok: bool) -> None:
           "namespaces": ["network"]}, False),
         ({"mount": {"kind": "overlay", "mount_id": 1}, "command": "/bin/sh",
           "state": "paused"}, False),
-        ({"mount": {"id": 1, "kind": "overlay"}, "command": "/bin/sh"}, False),  # legacy shape
+        ({"mount": {"id": 1, "kind": "overlay"}, "command": "/bin/sh"}, True),  # 0.2's reference
         ({"mount": {"kind": "overlay", "mount_id": 1}, "command": "/bin/sh", "tty": True}, False),
     ],
 )  # fmt: skip

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import hostview
+from tests.apiclient import ref
 from tests.conftest import Stack
 
 
@@ -50,7 +51,7 @@ def test_seed_walkthrough_attach_mount_overlay_teardown(stack: Stack) -> None:
 
     # Step 5: a private read-write overlay over it, with the legacy bare-integer lower.
     ovl = api.post("/mount/overlay", {"lower": [mnt["id"]]})
-    assert ovl["lower"] == [{"kind": "rbd", "mount_id": mnt["id"]}]
+    assert [ref(x) for x in ovl["lower"]] == [{"kind": "rbd", "mount_id": mnt["id"]}]
     top = Path(ovl["mountpoint"])
     for key, prefix in (("mountpoint", "mount_"), ("upperdir", "upper_"), ("workdir", "work_")):
         assert Path(ovl[key]).name.startswith(prefix)
@@ -176,7 +177,9 @@ def test_generic_mount_get_and_unmount_forms(stack: Stack) -> None:
     made = api.post("/mount", {"kind": "rbd", "rbd": {"fs_type": "squashfs",
                                                       "mount_options": ["ro"],
                                                       "rbd_id": rbd["id"]}})
-    assert made == {"kind": "rbd", "mount_id": made["rbd"]["id"], "rbd": made["rbd"]}
+    assert ref(made) == {"kind": "rbd", "mount_id": made["rbd"]["id"]}
+    # v1's member, and 0.2's for the same mount (the superset both clients decode).
+    assert made["attach"]["attach"]["id"] == rbd["id"] and made["refs"] == 1
     assert api.get("/mount") == [made]
     # Wrong kind for the id: not found under that kind, nothing changes.
     api.request("DELETE", "/mount", 404, json={"kind": "overlay", "mount_id": made["mount_id"]})

@@ -1,4 +1,6 @@
-"""ASGI helpers for middlewares that look at request bodies before connexion validates them."""
+"""ASGI helpers for middlewares that look at request bodies before connexion validates them,
+and the parts of connexion's stack made lean (routing by index, the UI asked only for its own
+paths)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,14 @@ from collections.abc import Mapping
 from email.message import Message as MimeHeader
 from typing import Any
 
+from connexion.apps.asynchronous import AsyncASGIApp
 from connexion.exceptions import UnsupportedMediaTypeProblem
+from connexion.middleware.routing import RoutingMiddleware
+from connexion.middleware.swagger_ui import SwaggerUIMiddleware
+from starlette._utils import get_route_path
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Mount, Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Requests of this API are small JSON documents; a larger body is a mistake or an attack.
@@ -172,3 +179,76 @@ class StaticDocument:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         body = b"" if scope["method"] == "HEAD" else self.body
         await send({"type": "http.response.body", "body": body})
+
+
+def index_literal_routes(router: Router) -> None:
+    """Route requests for paths without parameters by one dict lookup.
+
+    starlette tries a router's routes in order, a regex match each; with every path of both
+    dialects that is some 50 matches for `GET /container`, twice (connexion routes once to
+    find the operation and once to call it). A path without parameters is now looked up
+    directly; anything else (parameters, a wrong method's 405, redirects) takes the router's
+    own way, unchanged. The spec's templates never overlap a literal path (tests/test_spec).
+    """
+    literal: dict[str, list[Route]] = {}
+    for route in router.routes:
+        if isinstance(route, Route) and not route.param_convertors:
+            literal.setdefault(route.path, []).append(route)
+    fallback = router.middleware_stack
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for route in literal.get(get_route_path(scope), ()):
+                match, child_scope = route.matches(scope)
+                if match is Match.FULL:
+                    scope.setdefault("router", router)
+                    scope.update(child_scope)
+                    await route.handle(scope, receive, send)
+                    return
+        await fallback(scope, receive, send)
+
+    router.middleware_stack = app
+
+
+class IndexedRouting(RoutingMiddleware):
+    """connexion's routing middleware, with each API's routes indexed (see above)."""
+
+    def add_api(self, specification: Any, base_path: str | None = None,
+                arguments: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().add_api(specification, base_path=base_path, arguments=arguments, **kwargs)
+        mount = self.router.routes[-1]
+        assert isinstance(mount, Mount) and isinstance(mount.app, Router)
+        index_literal_routes(mount.app)
+
+
+class IndexedASGIApp(AsyncASGIApp):
+    """connexion's innermost app (it routes again, to call the operation), indexed too."""
+
+    def add_api(self, *args: Any, **kwargs: Any) -> Any:
+        api = super().add_api(*args, **kwargs)
+        index_literal_routes(api.router)
+        return api
+
+
+class LeanSwaggerUI(SwaggerUIMiddleware):
+    """SwaggerUI, asked only for its own paths: connexion's routes every request through the
+    UI's router first, with a copy of the scope, to find that most are not for it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        super().__init__(app)
+        self.prefixes: tuple[str, ...] = ()
+
+    def add_api(self, specification: Any, base_path: str | None = None,
+                arguments: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().add_api(specification, base_path=base_path, arguments=arguments, **kwargs)
+        mount = self.router.routes[-1]
+        assert isinstance(mount, Mount)
+        options = kwargs.get("swagger_ui_options")
+        ui = getattr(options, "swagger_ui_path", "/ui") if options else "/ui"
+        self.prefixes += (mount.path.rstrip("/") + ui,)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefixes):
+            await super().__call__(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

@@ -30,6 +30,7 @@ from starlette.types import Receive, Scope
 # Properties whose values must never appear in a message (write-only in the spec).
 SECRET_FIELDS = frozenset({"secret"})
 MISSING_BODY = "body: a JSON request body is required"
+JSON_NULL = object()  # a body that is JSON's `null`, told apart from no body
 
 INTEGER_FORMATS = {"int32": 32, "int64": 64}
 
@@ -118,7 +119,9 @@ class JsonBodyValidator(JSONRequestBodyValidator):
                 detail=f"body: not valid UTF-8 (byte {exc.start}: {exc.reason})"
             ) from None
         try:
-            return json.loads(text, parse_constant=_reject_constant)
+            body = json.loads(text, parse_constant=_reject_constant)
+            # An explicit `null` is a body, and not an object; only an absent one may be left out.
+            return JSON_NULL if body is None else body
         except json.JSONDecodeError as exc:
             raise BadRequestProblem(detail=f"body: not valid JSON: {exc}") from None
         except ValueError as exc:
@@ -128,7 +131,11 @@ class JsonBodyValidator(JSONRequestBodyValidator):
 
     def _validate(self, body: Any) -> None:
         if body is None:
-            raise BadRequestProblem(detail=MISSING_BODY)
+            if self._required:
+                raise BadRequestProblem(detail=MISSING_BODY)
+            return  # an optional body left out (DELETE /mount?id=N)
+        if body is JSON_NULL:
+            body = None
         validator = Draft4RequestValidator(self._schema, format_checker=FORMAT_CHECKER)
         error = first_error(validator, body)
         if error is not None:

@@ -45,15 +45,22 @@ class Need:
     """One object a spec stands on: a reference by id, or a definition to build and own.
 
     `slot` names where it came from (e.g. `rbd`, `lower[1]`) for error messages and for
-    rendering; `kind` is the driver kind wanted, or None when the spec leaves the kind to
-    whatever the referenced id is (never the case in v1, where references carry a kind).
+    rendering; `kind` is the driver kind wanted. A reference may instead accept any of the
+    kinds in `accept` (a 0.2 `attach` mount: a mount of any attachment), or any kind at all
+    when `kind` is None (a 0.2 `{"id": N}`); a definition always names its kind.
     """
 
     slot: str
     collection: str
-    kind: str
+    kind: str | None
     ref: int | None = None
     spec: Spec | None = None
+    accept: tuple[str, ...] = ()
+
+    def admits(self, kind: str) -> bool:
+        if self.accept:
+            return kind in self.accept
+        return self.kind is None or kind == self.kind
 
 
 @dataclass
@@ -140,9 +147,11 @@ class Driver:
         """
         raise NotImplementedError
 
-    def destroy(self, node: Node) -> None:
+    def destroy(self, node: Node, force: bool = False) -> None:
         """Undo `build`; the graph lock is NOT held. Raises if the kernel refuses (e.g. busy).
 
+        `force` (a 0.2 `DELETE ...&force=true`) overrides what the system holds outside the
+        graph (a device still open, a mount still busy), never the graph's own holders.
         Idempotent: what is already gone (after a crash half-way through a destroy, or removed
         by hand) is skipped with a log line, not an error."""
         raise NotImplementedError

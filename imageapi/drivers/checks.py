@@ -95,8 +95,30 @@ def host_path(value: object, field: str) -> str:
 
 
 def host_file_spec(spec: dict[str, object]) -> dict[str, object]:
-    """`{"path": <absolute host path>, "ro": <bool, default true>}`: local images' common part."""
+    """`{"path": <absolute host path>, "ro": <bool, default true>}`: local images' common part.
+
+    With `base` (the 0.2 shape, translated by `imageapi.api.dialect`): `base: "root"` keeps an
+    absolute host path, `base: "mount"` a path inside the generic mount under `mount`, which
+    the object then stands on. `ro` has no default here: each dialect gives its own."""
     ro = spec.get("ro", True)
     if not isinstance(ro, bool):
         raise BadRequest("ro: must be true or false")
-    return {"path": host_path(spec.get("path"), "path"), "ro": ro}
+    base = spec.get("base")
+    if base is None:
+        return {"path": host_path(spec.get("path"), "path"), "ro": ro}
+    if base == "root":
+        return {"path": host_path(spec.get("path"), "path"), "ro": ro, "base": "root"}
+    if base != "mount":
+        raise BadRequest(f"base: {base!r} is neither 'root' nor 'mount'")
+    if not isinstance(spec.get("mount"), dict):
+        raise BadRequest("mount: required when base is 'mount' (the mount the path lies in)")
+    return {"path": path_in_mount(spec.get("path"), "path"), "ro": ro, "base": "mount",
+            "mount": spec["mount"]}
+
+
+def path_in_mount(value: object, field: str) -> str:
+    """A path inside a mount, relative to its root (a leading `/` means that root too)."""
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{field}: must be a non-empty string")
+    host_path("/" + value.lstrip("/"), field)  # the same limits as a host path
+    return value.lstrip("/") or "."

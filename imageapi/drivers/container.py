@@ -18,7 +18,7 @@ from typing import Any
 
 from imageapi.drivers import checks
 from imageapi.drivers.base import Driver, Need, Node, Record, Spec, State
-from imageapi.drivers.overlay_mount import generic_need
+from imageapi.drivers.generic import generic_need
 from imageapi.errors import BadRequest
 from imageapi.journal import Intent
 from imageapi.kernel import seccomp
@@ -231,10 +231,10 @@ class ContainerDriver(Driver):
             allowed = " or ".join(TARGET_STATES)
             raise BadRequest(f"state: a container can be asked to be {allowed}, not {target!r}")
 
-    def destroy(self, node: Node) -> None:
+    def destroy(self, node: Node, force: bool = False) -> None:
         container: Container | None = node.live.get("container")
         if container is not None:
-            container.remove()
+            container.remove(kill=force)
 
     def render(self, node: Node, embed: Callable[[Node], dict[str, Any]]) -> dict[str, Any]:
         spec = node.spec

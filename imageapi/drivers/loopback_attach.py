@@ -21,8 +21,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from imageapi.drivers import checks
-from imageapi.drivers.base import Driver, Node, Spec, State
+from imageapi.drivers import checks, inmount
+from imageapi.drivers.base import Driver, Need, Node, Spec, State
+from imageapi.drivers.generic import generic_need
 from imageapi.errors import ApiError, BadRequest, Conflict, SystemFault, describe_oserror
 from imageapi.journal import Intent
 from imageapi.kernel import statfs as kstatfs
@@ -58,17 +59,36 @@ class LoopbackAttach(Driver):
     # -- checking ----------------------------------------------------------------------------
 
     def normalize(self, spec: Spec) -> Spec:
-        return checks.host_file_spec(spec)
+        out = checks.host_file_spec(spec)
+        if out.get("base") == "mount":
+            generic_need(out["mount"], "mount")
+        partscan = spec.get("partscan", False)
+        if not isinstance(partscan, bool):
+            raise BadRequest("readPartitions: must be true or false")
+        if partscan:
+            out["partscan"] = True
+        return out
+
+    def needs(self, spec: Spec) -> list[Need]:
+        return [generic_need(spec["mount"], "mount")] if spec.get("base") == "mount" else []
 
     def check_available(self, spec: Spec) -> None:
-        # Early and friendly; `build` checks again, on the file it actually opens.
-        os.close(_pin_image(spec["path"]))
+        # Early and friendly; `build` checks again, on the file it actually opens. A file
+        # inside a mount is checked there, once the mount exists.
+        if spec.get("base") != "mount":
+            os.close(_pin_image(spec["path"]))
 
     # -- kernel work -------------------------------------------------------------------------
 
     def build(self, node: Node) -> State:
-        path, ro = node.spec["path"], node.spec["ro"]
-        backing_fd = _open_image(path, ro)
+        ro = node.spec["ro"]
+        mount = inmount.base_mount(node)
+        path = node.spec["path"] if mount is None else inmount.host_view(mount, node.spec["path"])
+        if mount is None:
+            backing_fd = _open_image(path, ro)
+        else:
+            backing_fd = _reopen(_check_image(inmount.pin_in_mount(mount, node.spec["path"], 0),
+                                              path), path, ro)
         try:
             st = os.fstat(backing_fd)
             identity = (st.st_dev, st.st_ino)
@@ -81,7 +101,8 @@ class LoopbackAttach(Driver):
                     # No autoclear: the attachment is an object of the record, like an rbd
                     # mapping, and outlives a daemon restart even while nothing mounts it.
                     device = self.loop.attach(backing_fd, read_only=ro, name=path,
-                                              autoclear=False, tag=self.tag)
+                                              autoclear=False, tag=self.tag,
+                                              partscan=bool(node.spec.get("partscan")))
                     step.done(number=device.number)
             except BaseException as exc:
                 self._forget(identity, node.id, None)
@@ -98,7 +119,7 @@ class LoopbackAttach(Driver):
             "read-only" if device.read_only else "read-write", "on" if device.direct_io else "off",
         )  # fmt: skip
         return {"device_file": device.path, "number": device.number,
-                "backing": list(device.backing)}
+                "backing": list(device.backing), "file": path}
 
     def adopt(self, node: Node) -> str | None:
         record = node.record
@@ -163,7 +184,7 @@ class LoopbackAttach(Driver):
             if device is not None:
                 self._devices.discard(device.name)
 
-    def destroy(self, node: Node) -> None:
+    def destroy(self, node: Node, force: bool = False) -> None:
         device: LoopDevice | None = node.live.get("device")
         if device is None:
             # Not held by this process (gone at recovery, or not checked in its time): clear
@@ -176,7 +197,7 @@ class LoopbackAttach(Driver):
             return
         try:
             with self.step(node.id, "loop-detach", number=device.number):
-                unbound = self.loop.detach(device)
+                unbound = self.loop.detach(device, force=force)
         except OSError as exc:
             what = f"cannot detach {device.path}"
             if exc.errno == errno.EBUSY:
@@ -192,9 +213,10 @@ class LoopbackAttach(Driver):
             )
 
     def render(self, node: Node, embed: Callable[[Node], dict[str, Any]]) -> dict[str, Any]:
+        # v1's view: the file as the host sees it (inside a mount: under its mountpoint).
         return {
             "id": node.id,
-            "path": node.spec["path"],
+            "path": node.record.get("file", node.spec["path"]),
             "ro": node.spec["ro"],
             "device_file": node.record["device_file"],
         }
@@ -211,7 +233,11 @@ def _open_image(path: str, ro: bool) -> int:
     the file is checked through that descriptor and then reopened through it — the same
     inode, whatever happens to the path meanwhile.
     """
-    pinned = _pin_image(path)
+    return _reopen(_pin_image(path), path, ro)
+
+
+def _reopen(pinned: int, path: str, ro: bool) -> int:
+    """The file behind the O_PATH descriptor `pinned` (closed here), open for the device."""
     try:
         try:
             return os.open(f"/proc/self/fd/{pinned}",
@@ -230,6 +256,11 @@ def _pin_image(path: str) -> int:
         pinned = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as exc:
         raise _path_error(exc, path) from exc
+    return _check_image(pinned, path)
+
+
+def _check_image(pinned: int, path: str) -> int:
+    """`pinned`, once it is known to be an image file (else it is closed and refused)."""
     try:
         st = os.fstat(pinned)
         _require_regular(st.st_mode, path)

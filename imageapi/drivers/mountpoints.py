@@ -51,10 +51,18 @@ def mount_error(exc: OSError, what: str) -> ApiError:
     return SystemFault(describe_oserror(exc, what))
 
 
-def unmount(mountpoint: Path) -> None:
-    """Unmount without MNT_DETACH: a busy mount stays and the caller is told (409)."""
+def unmount(mountpoint: Path, lazy: bool = False) -> None:
+    """Unmount without MNT_DETACH: a busy mount stays and the caller is told (409). With
+    `lazy` (a forced delete), a mount still busy is detached now and goes when its last user
+    does."""
     try:
-        kmount.umount(str(mountpoint), kmount.UMOUNT_NOFOLLOW)
+        try:
+            kmount.umount(str(mountpoint), kmount.UMOUNT_NOFOLLOW)
+        except OSError as exc:
+            if not (lazy and exc.errno == errno.EBUSY):
+                raise
+            log.warning("%s is busy: detached lazily (a forced delete)", mountpoint)
+            kmount.umount(str(mountpoint), kmount.UMOUNT_NOFOLLOW | kmount.MNT_DETACH)
     except OSError as exc:
         # EINVAL: not a mountpoint; ENOENT: not even a directory (a destroy cut short after
         # its rmdir, finished at recovery): either way, already done.
@@ -97,10 +105,10 @@ class MountpointDriver(Driver):
         """What mountinfo must show at the mountpoint (None: anything)."""
         return None
 
-    def destroy(self, node: Node) -> None:
+    def destroy(self, node: Node, force: bool = False) -> None:
         target = Path(node.record["mountpoint"])
         with self.step(node.id, "unmount", path=str(target)):
-            unmount(target)
+            unmount(target, lazy=force)
         with self.step(node.id, "rmdir", path=str(target)):
             remove_dir(target)
             for key in self.private_dirs:

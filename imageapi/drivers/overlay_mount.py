@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imageapi.drivers import checks
 from imageapi.drivers.base import Need, Node, Spec, State
+from imageapi.drivers.generic import generic_need
 from imageapi.drivers.mountpoints import MountpointDriver, mount_error, remove_dir
 from imageapi.errors import ApiError, BadRequest, SystemFault, describe_oserror
 from imageapi.kernel import mount as kmount
@@ -161,21 +161,6 @@ def layer_differences(
         elif got != asked:
             problems.append(f"{name} {got} (asked: {asked})")
     return problems
-
-
-def generic_need(item: object, slot: str) -> Need:
-    """A generic `mount` object (`kind` + `mount_id`, or the definition under `<kind>`)."""
-    if not isinstance(item, dict):
-        raise BadRequest(f"{slot}: must be a mount object (kind and mount_id, or a definition)")
-    kind = item.get("kind")
-    if not isinstance(kind, str):
-        raise BadRequest(f"{slot}.kind: required")
-    ref = checks.reference(item.get("mount_id"), f"{slot}.mount_id")
-    definition = item.get(kind)
-    if ref is None and not isinstance(definition, dict):
-        raise BadRequest(f"{slot}: give mount_id or a {kind} mount definition under {kind!r}")
-    return Need(slot=slot, collection="mount", kind=kind, ref=ref,
-                spec=None if ref is not None else definition)
 
 
 class OverlayMount(MountpointDriver):

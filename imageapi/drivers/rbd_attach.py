@@ -78,8 +78,8 @@ class RbdAttach(RbdBase):
     def build(self, node: Node) -> State:
         return {**self.drivers[self.active].build(node), "driver": self.active}
 
-    def destroy(self, node: Node) -> None:
-        self._of(node).destroy(node)
+    def destroy(self, node: Node, force: bool = False) -> None:
+        self._of(node).destroy(node, force)
 
     def adopt(self, node: Node) -> str | None:
         return self._of(node).adopt(node)

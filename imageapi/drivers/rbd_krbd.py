@@ -169,9 +169,10 @@ class KrbdAttach(RbdBase):
         except OSError as exc:
             log.error("could not unmap rbd%d after a failed attach: %s", dev_id, exc)
 
-    def destroy(self, node: Node) -> None:
+    def destroy(self, node: Node, force: bool = False) -> None:
         dev_id = node.record["device_id"]
-        force = bool(node.spec["options"].get("force"))
+        # krbd's own "force": unmap even while the device is open outside imageapi.
+        force = force or bool(node.spec["options"].get("force"))
         if not self._maps(dev_id, identity(node.spec)):
             log.warning("rbd%d was already unmapped outside imageapi", dev_id)
             return

@@ -93,3 +93,12 @@ class LoopbackMount(DeviceMount):
     kind = "loopback"
     noun = "loopback mount"
     source_kind = "loopback"
+
+
+class LocalMount(DeviceMount):
+    """A filesystem on a block device of the host (a `local` attachment); only the 0.2
+    dialect's `attach` mount makes these, so `local_id` and `local` are internal names."""
+
+    kind = "local"
+    noun = "local mount"
+    source_kind = "local"

@@ -210,9 +210,9 @@ class UserRbdAttach(RbdBase):
 
     # -- tearing down ------------------------------------------------------------------------
 
-    def destroy(self, node: Node) -> None:
+    def destroy(self, node: Node, force: bool = False) -> None:
         record = node.record
-        force = bool(node.spec["options"].get("force"))
+        force = force or bool(node.spec["options"].get("force"))
         device: LoopDevice | None = node.live.get("device")
         if device is None:
             # Not held by this process (gone at recovery, or not checked in its time): clear

@@ -157,7 +157,7 @@ class Loop:
 
     def attach(
         self, backing_fd: int, *, read_only: bool, direct_io: bool = True, name: str = "",
-        autoclear: bool = True, tag: str = "",
+        autoclear: bool = True, tag: str = "", partscan: bool = False,
     ) -> LoopDevice:
         """Bind a free loop device to the open file `backing_fd`, with autoclear unless told.
 
@@ -183,7 +183,7 @@ class Loop:
                 raise
             try:
                 flags = self._bind(fd, path, backing_fd, read_only, direct_io, name,
-                                   autoclear, tag)
+                                   autoclear, tag, partscan)
             except OSError as exc:
                 os.close(fd)
                 if exc.errno == errno.EBUSY:
@@ -224,11 +224,13 @@ class Loop:
 
     def _bind(
         self, fd: int, path: str, backing_fd: int, read_only: bool, direct_io: bool, name: str,
-        autoclear: bool = True, tag: str = "",
+        autoclear: bool = True, tag: str = "", partscan: bool = False,
     ) -> int:
-        """Bind and configure; returns the flags the device ended up with."""
+        """Bind and configure; returns the flags the device ended up with. `partscan`: the
+        kernel reads the image's partition table (`/dev/loopNpM`)."""
         flags = (LO_FLAGS_AUTOCLEAR if autoclear else 0) | (LO_FLAGS_READ_ONLY if read_only
                                                              else 0)
+        flags |= LO_FLAGS_PARTSCAN if partscan else 0
         if self.use_configure is not False:
             tries = [flags | LO_FLAGS_DIRECT_IO, flags] if direct_io else [flags]
             for want in tries:
@@ -243,7 +245,7 @@ class Loop:
                     raise
                 self.use_configure = True
                 return self.status(fd, path).lo_flags
-        flags = self._bind_old(fd, path, backing_fd, direct_io, name, autoclear, tag)
+        flags = self._bind_old(fd, path, backing_fd, direct_io, name, autoclear, tag, partscan)
         if self.use_configure is None:
             # EINVAL for LOOP_CONFIGURE, yet the old way works: a kernel before 5.8.
             log.info("LOOP_CONFIGURE is not known here: using LOOP_SET_FD from now on")
@@ -251,12 +253,13 @@ class Loop:
         return flags
 
     def _bind_old(self, fd: int, path: str, backing_fd: int, direct_io: bool, name: str,
-                  autoclear: bool = True, tag: str = "") -> int:
+                  autoclear: bool = True, tag: str = "", partscan: bool = False) -> int:
         """LOOP_SET_FD + LOOP_SET_STATUS64: read-only follows the backing file's open mode."""
         _ioctl(fd, LOOP_SET_FD, backing_fd, path)
         try:
             info = LoopInfo64()
-            info.lo_flags = LO_FLAGS_AUTOCLEAR if autoclear else 0
+            info.lo_flags = (LO_FLAGS_AUTOCLEAR if autoclear else 0) | (
+                LO_FLAGS_PARTSCAN if partscan else 0)
             _set_name(info, name, tag)
             _ioctl(fd, LOOP_SET_STATUS64, info, path)
         except OSError:
@@ -352,11 +355,12 @@ class Loop:
 
     # -- tearing down ------------------------------------------------------------------------
 
-    def detach(self, device: LoopDevice, wait: float = 2.0) -> bool:
+    def detach(self, device: LoopDevice, wait: float = 2.0, force: bool = False) -> bool:
         """Let the device go: refuse (EBUSY) while it is mounted or otherwise claimed
         exclusively, else close our descriptor and unbind it. Returns whether it is unbound
         now; if another process still has it open, it is left to autoclear, which unbinds it
-        when that process closes it.
+        when that process closes it. `force` skips the refusal: a device still claimed is
+        left to autoclear too.
         """
         if device.fd is not None:
             # An exclusive open fails while a filesystem (or anything else) claims the device:
@@ -367,8 +371,10 @@ class Loop:
                     f"/proc/self/fd/{device.fd}", os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC
                 )
             except OSError as exc:
-                raise OSError(exc.errno, exc.strerror, device.path) from None
-            os.close(probe)
+                if not (force and exc.errno == errno.EBUSY):
+                    raise OSError(exc.errno, exc.strerror, device.path) from None
+            else:
+                os.close(probe)
             fd, device.fd = device.fd, None
             with self._lock:
                 self._held.discard(device.number)

@@ -243,20 +243,26 @@ class Container:
 
     # -- stopping -----------------------------------------------------------------------------
 
-    def stop(self, wait: bool) -> None:
+    def stop(self, wait: bool, kill: bool = False) -> None:
         """Ask the init to end (SIGRTMIN+3 for systemd, else SIGTERM); SIGKILL after the
-        stop timeout. With `wait`, return only once it has ended."""
+        stop timeout. With `wait`, return only once it has ended; with `kill`, SIGKILL now
+        (a forced delete: no grace)."""
         with self._lock:
             if self.state == "running":
                 self._move("stop")
                 self._stop_requested = True
-                sig = SIGRTMIN_3 if self.plan.systemd else signal.SIGTERM
+                sig = signal.SIGKILL if kill else (
+                    SIGRTMIN_3 if self.plan.systemd else signal.SIGTERM)
                 self.log.event(f"stopping container ({_signame(sig)})")
                 with self._step("stop", cid=self.plan.cid, signal=_signame(sig)):
                     self._signal(sig)
-                self._arm_kill_timer()
+                if not kill:
+                    self._arm_kill_timer()
             elif self.state != "stopping":
                 return
+            elif kill:
+                self.log.event("stopping container (SIGKILL: a forced delete)")
+                self._signal(signal.SIGKILL)
             ended = self._ended
         self._on_change("stopping")
         if wait and not ended.wait(self._stop_timeout + KILL_GRACE):
@@ -335,12 +341,13 @@ class Container:
 
     # -- removal ------------------------------------------------------------------------------
 
-    def remove(self) -> None:
-        """Stop it if it runs, then forget it (the log file stays, for the record)."""
+    def remove(self, kill: bool = False) -> None:
+        """Stop it if it runs (`kill`: by SIGKILL at once), then forget it (the log file
+        stays, for the record)."""
         with self._lock:
             self._removed = True  # first: a start racing with this delete must not win
         try:
-            self.stop(wait=True)
+            self.stop(wait=True, kill=kill)
         except BaseException:
             with self._lock:
                 self._removed = False  # it stays (the graph keeps the object): usable again
