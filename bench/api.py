@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from common import free_port, log
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = "/imageapi/v1"
@@ -66,14 +66,6 @@ paths:
 """
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the floors, served as the daemon serves ------------------------------------------------

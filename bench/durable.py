@@ -24,7 +24,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from common import free_port, log
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = "/imageapi/v1"
@@ -42,14 +42,6 @@ OBJECTS = 100
 WAITER = "/bin/sh -c \"trap 'exit 0' TERM; while :; do sleep 1; done\""
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def build_image(work: Path) -> Path:

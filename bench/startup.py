@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from common import free_port, log
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -70,9 +71,6 @@ EXIT_TIMEOUT = 30.0
 class BenchError(RuntimeError):
     pass
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def run(*cmd: str) -> None:
@@ -194,11 +192,6 @@ def enter_cgroups(stack: contextlib.ExitStack) -> Path:
         stack.callback((home / "cgroup.procs").write_text, pid)  # back home before removal
     return tops[""] / "imageapi"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_flags() -> str:
